@@ -1,0 +1,85 @@
+"""The in-memory scan every medsr stage passes around, and the refined-grid geometry helper."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Scan", "spacing_from_affine", "refined_affine"]
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along each array axis: the lengths of the affine's first three columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+@dataclass
+class Scan:
+    """A scan as medsr sees it.
+
+    Attributes:
+        array: float32, channel first, always 3 spatial axes: ``(C, X, Y, Z)``. A single 2D slice has Z = 1.
+            Intensities are in physical units where the source defines them (CT: Hounsfield units).
+        affine: 4x4 float64, voxel index ``(x, y, z)`` to world millimetres in RAS+ (nibabel / MONAI convention).
+            For DICOM input, axis X runs along the image columns (first ImageOrientationPatient vector),
+            Y along the rows, Z along the slice normal, in the order of increasing position.
+        modality: "CT", "MR", or another DICOM modality code; "" when unknown (NIfTI without a hint).
+        source: where it was read from (file or folder); used in error messages, never in output names.
+        dicom_headers: per-slice pydicom Datasets without pixel data, in Z order (empty for NIfTI); the
+            reference for writing a derived series.
+        series_uid: SeriesInstanceUID for DICOM, "" otherwise.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str = ""
+    source: str = ""
+    dicom_headers: list[Any] = field(default_factory=list)
+    series_uid: str = ""
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return spacing_from_affine(self.affine)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def name(self) -> str:
+        """A file-system-safe name for outputs: the file stem or folder name (never DICOM text)."""
+        p = Path(self.source)
+        stem = p.name
+        for suffix in (".nii.gz", ".nii", ".dcm", ".DCM"):
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        from medsr.io.paths import sanitize_component
+
+        return sanitize_component(stem or "scan")
+
+    def with_array(self, array: np.ndarray, affine: np.ndarray | None = None) -> Scan:
+        """A copy carrying another array (and optionally another affine), same metadata."""
+        return replace(self, array=np.asarray(array, dtype=np.float32),
+                       affine=self.affine.copy() if affine is None else np.asarray(affine, dtype=np.float64))
+
+
+def refined_affine(affine: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Affine of a grid refined by integer ``factors`` per axis, fine-voxel blocks centred on coarse voxels.
+
+    Coarse voxel i covers fine voxels ``f*i .. f*i+f-1``; their mean index ``f*i + (f-1)/2`` must map to the
+    coarse centre. So the fine affine is ``A @ S @ T`` with S = diag(1/f) and a shift of ``-(f-1)/(2f)``
+    coarse voxels: world(fine j) = A @ ((j - (f-1)/2) / f). Omitting the shift is the classic half-voxel bug.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    f = np.asarray([int(v) for v in factors], dtype=np.float64)
+    if f.shape != (3,) or np.any(f < 1):
+        raise ValueError(f"refinement factors must be three positive integers, got {tuple(factors)}")
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(1.0 / f)
+    scale[:3, 3] = -(f - 1.0) / (2.0 * f)
+    return a @ scale
