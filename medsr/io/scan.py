@@ -24,7 +24,8 @@ class Scan:
     Attributes:
         array: float32, channel first, always 3 spatial axes: ``(C, X, Y, Z)``. A single 2D slice has Z = 1.
             Intensities are in physical units where the source defines them (CT: Hounsfield units).
-        affine: 4x4 float64, voxel index ``(x, y, z)`` to world millimetres in RAS+ (nibabel / MONAI convention).
+        affine: 4x4 float64, voxel index ``(x, y, z)`` to world millimetres in RAS+ (nibabel / MONAI
+            convention).
             For DICOM input, axis X runs along the image columns (first ImageOrientationPatient vector),
             Y along the rows, Z along the slice normal, in the order of increasing position.
         modality: "CT", "MR", or another DICOM modality code; "" when unknown (NIfTI without a hint).
@@ -32,6 +33,8 @@ class Scan:
         dicom_headers: per-slice pydicom Datasets without pixel data, in Z order (empty for NIfTI); the
             reference for writing a derived series.
         series_uid: SeriesInstanceUID for DICOM, "" otherwise.
+        format: how it was stored: "NIfTI", "DICOM file", "DICOM multi-frame" or "DICOM series"; "" when
+            made in memory. Reported by ``medsr info``; never used to pick output names.
     """
 
     array: np.ndarray
@@ -40,6 +43,7 @@ class Scan:
     source: str = ""
     dicom_headers: list[Any] = field(default_factory=list)
     series_uid: str = ""
+    format: str = ""
 
     @property
     def spacing(self) -> tuple[float, float, float]:
