@@ -1,7 +1,8 @@
 """Scan I/O: everything that touches the disk goes through here.
 
 ``load_scan`` reads NIfTI, single/multi-frame DICOM files and DICOM series folders into a :class:`Scan`;
-``save_nifti`` and ``save_dicom_series`` write results; ``refined_affine`` gives the geometry of refined grids.
+``save_nifti`` and ``save_dicom_series`` write results; ``refined_affine`` gives the geometry of refined
+grids; ``describe_scan`` (in :mod:`medsr.io.describe`) summarises a scan without patient data.
 """
 
 from __future__ import annotations

@@ -142,7 +142,8 @@ def save_dicom_series(scan: Scan, reference: Scan, out_dir: str | os.PathLike[st
         raise MedsrError(f"{out_dir}: exists and is not a folder")
     old = [p for p in out_dir.glob("IM*.dcm") if _OUR_FILES.fullmatch(p.name)] if out_dir.is_dir() else []
     if old and not overwrite:
-        raise MedsrError(f"{out_dir}: already holds a DICOM series ({len(old)} files); choose an empty folder")
+        raise MedsrError(f"{out_dir}: already holds a DICOM series ({len(old)} files); "
+                         "choose an empty folder or pass overwrite=True")
     for p in old:
         p.unlink()
     values = np.asarray(scan.array[0], dtype=np.float64)  # (X, Y, Z)
@@ -162,7 +163,7 @@ def save_dicom_series(scan: Scan, reference: Scan, out_dir: str | os.PathLike[st
     base.ImageOrientationPatient = [_ds(v) for v in (*row, *col)]
     normal = np.cross(row, col)
     paths = []
-    for n, (z, ipp) in enumerate(zip(order, origins), start=1):
+    for n, (z, ipp) in enumerate(zip(order, origins, strict=True), start=1):
         ds = Dataset()
         ds.update(base)
         ds.SOPInstanceUID = generate_uid()

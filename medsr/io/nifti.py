@@ -27,7 +27,8 @@ def load_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
     if data.ndim == 4:
         if volume_index is None:
             raise MedsrError(
-                f"{path}: 4D image with {data.shape[3]} volumes; choose one with volume_index (0..{data.shape[3]-1})"
+                f"{path}: 4D image with {data.shape[3]} volumes; "
+                f"choose one with volume_index (0..{data.shape[3]-1})"
             )
         if not 0 <= volume_index < data.shape[3]:
             raise MedsrError(f"{path}: volume_index {volume_index} outside 0..{data.shape[3]-1}")
@@ -44,7 +45,7 @@ def load_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
 
 
 def _modality_hint(img: nib.Nifti1Image) -> str:
-    """NIfTI has no modality field; medsr writes one into ``descrip`` ("medsr modality=CT") and reads it back."""
+    """NIfTI has no modality field; medsr writes one into ``descrip`` ("medsr modality=CT"), reads it back."""
     try:
         descrip = img.header["descrip"].tobytes().decode("ascii", "ignore")  # type: ignore[index]
     except Exception:
