@@ -43,6 +43,26 @@ def info(
             typer.echo(f"{key:<{width}}  {value}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="YAML config (see configs/)"),
+) -> None:
+    """Train or resume an SR3 model: medsr train CONFIG [section.key=value ...]. Under torchrun: DDP."""
+    from medsr.config import load_config
+    from medsr.train import train as run_training
+
+    try:
+        result = run_training(load_config(config, list(ctx.args)))
+    except MedsrError as exc:
+        _fail(exc)
+        return
+    if result.val:
+        last = result.val[-1]
+        typer.echo(f"step {result.step}: val PSNR {last['sr_psnr']:.2f} dB (interpolation {last['interp_psnr']:.2f})")
+    typer.echo(f"checkpoint: {result.checkpoint}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="medsr")
 

@@ -1,0 +1,96 @@
+"""The diffusion process: schedule, forward noising, training targets and loss.
+
+Kept apart from the network (improved-diffusion style). Forward noising and the schedule come from MONAI's
+``DDPMScheduler`` (Ho et al. 2020, eq. 4; cosine schedule from Nichol & Dhariwal 2021); v-prediction follows
+Salimans & Ho 2022. The SR3 loss (Saharia et al. 2021, eq. 6) is L1 or L2 between the network output and its
+target. The *residual* target ``scale * (HR - condition)`` makes the model learn only what interpolation
+misses (as residual-diffusion SR methods such as ResShift and SRDiff do); ``plain`` diffuses HR as SR3 does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from medsr.config import DiffusionConfig
+from medsr.errors import MedsrError
+from medsr.model import denoise
+
+__all__ = ["make_train_scheduler", "make_sampler", "to_target", "from_target", "diffusion_loss"]
+
+
+def make_train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    """The forward process used in training (and by the DDPM reference sampler)."""
+    if cfg.prediction not in ("epsilon", "v_prediction"):
+        raise MedsrError(f"diffusion.prediction must be 'epsilon' or 'v_prediction', got {cfg.prediction!r}")
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
+                         prediction_type=cfg.prediction, clip_sample=False)
+
+
+def make_sampler(cfg: DiffusionConfig, kind: str, steps: int) -> DDPMScheduler | DDIMScheduler:
+    """A sampling scheduler that is fed the (projected) clean estimate: ``prediction_type="sample"``.
+
+    The sampling loop converts the network output to x0 itself, applies data consistency, and hands x0 to the
+    scheduler, so the same MONAI ``step`` serves epsilon and v models. DDPM runs all T steps (SR3's sampler);
+    DDIM (Song et al. 2021) runs ``steps`` with eta = 0 (deterministic after the initial noise).
+    """
+    if kind == "ddpm":
+        sch: DDPMScheduler | DDIMScheduler = DDPMScheduler(
+            num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
+            prediction_type="sample", clip_sample=False)
+        sch.set_timesteps(cfg.num_train_timesteps)
+    elif kind == "ddim":
+        sch = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
+                            prediction_type="sample", clip_sample=False)
+        if not 1 <= steps <= cfg.num_train_timesteps:
+            raise MedsrError(f"DDIM steps must be in 1..{cfg.num_train_timesteps}, got {steps}")
+        sch.set_timesteps(steps)
+    else:
+        raise MedsrError(f"sampler must be 'ddim' or 'ddpm', got {kind!r}")
+    return sch
+
+
+def to_target(hr: torch.Tensor, cond: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
+    """What the diffusion runs on: ``scale*(HR - cond)`` (residual) or HR (plain)."""
+    if cfg.target == "residual":
+        return (hr - cond) * cfg.residual_scale
+    if cfg.target == "plain":
+        return hr
+    raise MedsrError(f"diffusion.target must be 'residual' or 'plain', got {cfg.target!r}")
+
+
+def from_target(x0: torch.Tensor, cond: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
+    """Inverse of :func:`to_target`: the image (normalised units) a clean target stands for."""
+    return cond + x0 / cfg.residual_scale if cfg.target == "residual" else x0
+
+
+def to_clean_estimate(out: torch.Tensor, x_t: torch.Tensor, t: int, cfg: DiffusionConfig,
+                      alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x0 from the network output at step t (DDPM eq. 15 for epsilon; Salimans & Ho for v)."""
+    a = alphas_cumprod[t].to(x_t.device, x_t.dtype)
+    if cfg.prediction == "epsilon":
+        return (x_t - (1 - a).sqrt() * out) / a.sqrt()
+    return a.sqrt() * x_t - (1 - a).sqrt() * out
+
+
+def diffusion_loss(
+    net: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    hr: torch.Tensor,
+    cond: torch.Tensor,
+    cfg: DiffusionConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """SR3 training loss for a batch ``hr``, ``cond`` of shape ``(B, 1, *spatial)`` in normalised units."""
+    x0 = to_target(hr, cond, cfg)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+    x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
+    goal = noise if cfg.prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    out = denoise(net, x_t, cond, t).float()
+    if cfg.loss == "l1":
+        return F.l1_loss(out, goal)
+    if cfg.loss == "l2":
+        return F.mse_loss(out, goal)
+    raise MedsrError(f"diffusion.loss must be 'l1' or 'l2', got {cfg.loss!r}")

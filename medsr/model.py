@@ -1,0 +1,124 @@
+"""The SR3 network (MONAI ``DiffusionModelUNet``) and its checkpoints.
+
+SR3 conditions by concatenation: the UNet sees ``[x_t, condition]`` (2 channels) and the timestep, and predicts
+one channel (noise, v or the clean target; see :mod:`medsr.diffusion`). Checkpoints hold plain tensors and
+plain Python containers only, so they load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from medsr.config import Config, ModelConfig, config_from_dict, to_dict
+from medsr.errors import MedsrError
+from medsr.io.paths import atomic_path
+
+__all__ = ["build_unet", "denoise", "save_checkpoint", "load_checkpoint", "LoadedModel", "load_model", "file_sha256"]
+
+CHECKPOINT_FORMAT = "medsr-checkpoint-1"
+
+
+def build_unet(cfg: ModelConfig) -> DiffusionModelUNet:
+    """The conditional denoiser: ``(B, 2, *spatial)`` + timesteps ``(B,)`` -> ``(B, 1, *spatial)``."""
+    if len(cfg.channels) != len(cfg.attention_levels):
+        raise MedsrError(
+            f"model config: channels {cfg.channels} and attention_levels {cfg.attention_levels} differ in length"
+        )
+    return DiffusionModelUNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=2,
+        out_channels=1,
+        channels=tuple(cfg.channels),
+        attention_levels=tuple(cfg.attention_levels),
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=cfg.num_head_channels,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def denoise(net: torch.nn.Module, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    """One network evaluation, SR3 style: concatenate the noisy target with the condition."""
+    if not torch.is_tensor(t):
+        t = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
+    elif t.ndim == 0:
+        t = t.expand(x_t.shape[0])
+    return net(torch.cat([x_t, cond], dim=1), timesteps=t)  # type: ignore[no-any-return]
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically (a crash mid-write never leaves a truncated file)."""
+    payload = {"format": CHECKPOINT_FORMAT, **payload}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``); any failure becomes a :class:`MedsrError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise MedsrError(f"{p}: checkpoint not found")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle errors, truncation, foreign files
+        raise MedsrError(f"{p}: not a readable medsr checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MedsrError(f"{p}: not a medsr checkpoint (missing format tag {CHECKPOINT_FORMAT!r})")
+    for key in ("config", "ema"):
+        if key not in ckpt:
+            raise MedsrError(f"{p}: checkpoint lacks {key!r}")
+    return ckpt
+
+
+def load_state_strict(net: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load weights, turning shape/key mismatches into a clear message instead of a torch traceback."""
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise MedsrError(f"{where}: weights do not match the model config ({' '.join(first)})") from None
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready for sampling: the EMA network (eval mode), its config and where it came from."""
+
+    net: torch.nn.Module
+    config: Config
+    path: str
+    sha256: str
+    step: int
+    calibration: float = 1.0  # multiplies the sample spread (fitted on a calibration split; 1 = none)
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """Build the network from the checkpoint's own config and load its EMA weights."""
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except MedsrError as exc:
+        raise MedsrError(f"{path}: stored config is invalid ({exc})") from None
+    net = build_unet(cfg.model)
+    load_state_strict(net, ckpt["ema"], str(path))
+    net.to(device).eval()
+    return LoadedModel(net, cfg, str(path), file_sha256(path), int(ckpt.get("step", 0)),
+                       float(ckpt.get("calibration", 1.0)))
+
+
+def config_payload(cfg: Config) -> dict[str, Any]:
+    return to_dict(cfg)

@@ -1,0 +1,265 @@
+"""``train(cfg)``: the one explicit SR3 training loop (nanoGPT style), single process or DDP under torchrun.
+
+AdamW with linear warm-up, gradient clipping, EMA weights (used for sampling), autocast (bf16/fp16 on CUDA,
+bf16 on CPU where supported), checkpoints that resume bit-for-bit (model, EMA, optimiser, step, RNG state,
+resolved config, normalisation), and validation on held-out scans against bicubic/trilinear.
+Launched by ``torchrun --nproc_per_node=N -m medsr train CONFIG``, each rank draws its own patches and noise
+(seed + rank) and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from monai.data import DataLoader
+from monai.metrics import PSNRMetric, SSIMMetric
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from medsr.config import Config, to_dict
+from medsr.data import PatchDataset, load_volumes
+from medsr.degrade import parse_spec
+from medsr.diffusion import diffusion_loss, make_train_scheduler
+from medsr.errors import MedsrError
+from medsr.io.paths import atomic_path
+from medsr.model import build_unet, load_checkpoint, load_state_strict, save_checkpoint
+from medsr.sampling import autocast_context, make_generators, sample
+
+__all__ = ["train", "resolve_device", "resolve_amp", "TrainResult"]
+
+# config sections that define the model; a checkpoint whose sections differ cannot be resumed or used
+MODEL_SECTIONS = ("degrade", "model", "diffusion", "intensity")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MedsrError("device=cuda asked for, but no CUDA device is available")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise MedsrError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA (fp16 where bf16 is missing) and on CPUs with native bf16, else none."""
+    if amp != "auto":
+        if amp not in ("bf16", "fp16", "none"):
+            raise MedsrError(f"train.amp must be auto, bf16, fp16 or none, got {amp!r}")
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    native = getattr(torch.backends.mkldnn, "is_available", lambda: False)() and _cpu_has_bf16()
+    return "bf16" if native else "none"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind (paths on rank 0) and its last numbers."""
+
+    out_dir: Path
+    checkpoint: Path
+    step: int
+    losses: list[float]
+    val: list[dict[str, float]]
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / max(1, warmup))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
+
+
+def check_compatible(stored: dict[str, Any], cfg: Config, where: str) -> None:
+    """Refuse a checkpoint whose model-defining config differs from ``cfg``, naming the differences."""
+    current = to_dict(cfg)
+    diffs = [s for s in MODEL_SECTIONS if stored.get(s) != current.get(s)]
+    if diffs:
+        detail = "; ".join(f"{s}: checkpoint {stored.get(s)} vs config {current.get(s)}" for s in diffs)
+        raise MedsrError(f"{where}: checkpoint does not match the config ({detail})")
+
+
+@torch.no_grad()
+def validate(ema: torch.nn.Module, cfg: Config, batches: list[dict[str, torch.Tensor]], device: torch.device,
+             amp: str) -> dict[str, float]:
+    """PSNR/SSIM (MONAI metrics, data range 2 in normalised units) of a few-step sample vs interpolation."""
+    spec = parse_spec(cfg.degrade)
+    dims = cfg.model.spatial_dims
+    metrics = {"sr": (PSNRMetric(max_val=2.0), SSIMMetric(spatial_dims=dims, data_range=2.0)),
+               "interp": (PSNRMetric(max_val=2.0), SSIMMetric(spatial_dims=dims, data_range=2.0))}
+    ema.eval()
+    for i, batch in enumerate(batches):
+        hr, cond, low = (batch[k].to(device) for k in ("hr", "cond", "lowres"))
+        gens = make_generators(10_000 + i * hr.shape[0], hr.shape[0], device)
+        out = sample(ema, cfg.diffusion, cond, gens, steps=cfg.train.val_sampling_steps, lowres=low, spec=spec,
+                     amp=amp)
+        for key, pred in (("sr", out), ("interp", cond)):
+            metrics[key][0](pred, hr)
+            metrics[key][1](pred, hr)
+    result = {}
+    for key, (psnr, ssim) in metrics.items():
+        result[f"{key}_psnr"] = float(psnr.aggregate().item())
+        result[f"{key}_ssim"] = float(ssim.aggregate().item())
+    return result
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train (or resume) the model described by ``cfg``; returns where the results are."""
+    rank, local_rank, world = _dist_info()
+    distributed = world > 1
+    device = resolve_device(cfg.train.device)
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{local_rank}")
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    amp = resolve_amp(cfg.train.amp, device)
+    out_dir = Path(cfg.train.out_dir)
+    last = out_dir / "last.pt"
+    spec = parse_spec(cfg.degrade)
+    if cfg.model.spatial_dims != spec.spatial_dims:
+        raise MedsrError(f"model.spatial_dims={cfg.model.spatial_dims} but degrade {spec} has {spec.spatial_dims} axes")
+
+    torch.manual_seed(cfg.train.seed + rank)
+    net = build_unet(cfg.model).to(device)
+    ema = copy.deepcopy(net).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
+    start = 0
+    if cfg.train.resume and last.is_file():
+        ckpt = load_checkpoint(last, map_location=device)
+        check_compatible(ckpt["config"], cfg, str(last))
+        load_state_strict(net, ckpt["model"], str(last))
+        load_state_strict(ema, ckpt["ema"], str(last))
+        opt.load_state_dict(ckpt["optimizer"])
+        start = int(ckpt["step"])
+        gen.set_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)].to("cpu") if device.type == "cpu"
+                      else ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+    model: torch.nn.Module = DistributedDataParallel(net) if distributed else net
+    scheduler = make_train_scheduler(cfg.diffusion)
+
+    volumes = load_volumes(cfg.data.train, cfg.intensity, cfg.data.foreground_threshold, seed=cfg.train.seed)
+    total = cfg.train.steps * cfg.train.batch_size
+    train_set = PatchDataset(volumes, spec, cfg.data.patch_size, total, cfg.train.seed, rank, cfg.data.slice_axis,
+                             cfg.data.foreground_fraction)
+    indices = list(range(start * cfg.train.batch_size, total))
+    loader = DataLoader(torch.utils.data.Subset(train_set, indices), batch_size=cfg.train.batch_size,
+                        shuffle=False, num_workers=cfg.data.num_workers, drop_last=True,
+                        persistent_workers=False)
+    val_batches: list[dict[str, torch.Tensor]] = []
+    if cfg.data.val and rank == 0:
+        val_vols = load_volumes(cfg.data.val, cfg.intensity, cfg.data.foreground_threshold, seed=cfg.train.seed)
+        val_set = PatchDataset(val_vols, spec, cfg.data.patch_size, cfg.train.val_patches, seed=12345,
+                               slice_axis=cfg.data.slice_axis, foreground_fraction=1.0)
+        val_batches = list(DataLoader(val_set, batch_size=min(cfg.train.batch_size, cfg.train.val_patches)))
+
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(to_dict(cfg), indent=2))
+    log_path = out_dir / "log.csv"
+    losses: list[float] = []
+    val_log: list[dict[str, float]] = []
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
+    wait_time = step_time = 0.0
+    t_prev = time.perf_counter()
+    step = start
+    model.train()
+
+    def save(step: int) -> Path:
+        states = [gen.get_state()]
+        if distributed:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, gen.get_state().cpu())
+            states = gathered
+        payload = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                   "step": step, "rng": [s.cpu() for s in states], "config": to_dict(cfg),
+                   "normalisation": to_dict(cfg.intensity), "calibration": 1.0}
+        if rank == 0:
+            save_checkpoint(last, payload)
+        return last
+
+    for batch in loader:
+        t_data = time.perf_counter()
+        wait_time += t_data - t_prev
+        hr, cond = batch["hr"].to(device), batch["cond"].to(device)
+        for group in opt.param_groups:
+            group["lr"] = cfg.train.lr * _lr_factor(step, cfg.train.warmup_steps)
+        with autocast_context(device, amp):
+            loss = diffusion_loss(model, scheduler, hr, cond, cfg.diffusion, gen)
+        if not math.isfinite(loss.item()):
+            raise MedsrError(f"training diverged at step {step} (loss {loss.item()}); lower train.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
+        opt.step()
+        _ema_update(ema, net, cfg.train.ema_decay if step >= cfg.train.warmup_steps else 0.0)
+        step += 1
+        losses.append(loss.item())
+        t_prev = time.perf_counter()
+        step_time += t_prev - t_data
+        row: dict[str, Any] = {}
+        if val_batches and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
+            row = validate(ema, cfg, val_batches, device, amp)
+            val_log.append({"step": step, **row})
+            t_prev = time.perf_counter()
+        if rank == 0 and (step % cfg.train.log_every == 0 or row or step == cfg.train.steps):
+            _append_csv(log_path, {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                                   "data_wait_share": wait_time / max(1e-9, wait_time + step_time),
+                                   "sec_per_step": (wait_time + step_time) / max(1, step - start), **row})
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            save(step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", **({"psnr": f"{row['sr_psnr']:.2f}"} if row else {}))
+    bar.close()
+    if step == start:  # nothing left to do (already finished): still make sure the final checkpoint exists
+        save(step) if not last.is_file() else None
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(out_dir, last, step, losses, val_log)
+
+
+CSV_FIELDS = ["step", "loss", "lr", "data_wait_share", "sec_per_step",
+              "sr_psnr", "sr_ssim", "interp_psnr", "interp_ssim"]
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
