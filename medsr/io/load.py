@@ -6,6 +6,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+import nibabel as nib
+
 from medsr.errors import MedsrError
 from medsr.io.dicom_read import check_voxels, load_dicom
 from medsr.io.nifti import load_nifti
@@ -16,6 +18,14 @@ __all__ = ["load_scan"]
 
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _header_shape(path: Path) -> tuple[int, ...] | None:
+    """Shape from the NIfTI header alone: nibabel turns a gzipped empty image into shape (0,)."""
+    try:
+        return tuple(nib.load(str(path)).shape)
+    except Exception:  # load_nifti reports unreadable files
+        return None
 
 
 def load_scan(path: str | os.PathLike[str], series_uid: str | None = None,
@@ -40,6 +50,9 @@ def load_scan(path: str | os.PathLike[str], series_uid: str | None = None,
     if _is_nifti(path) and path.is_file():
         if series_uid is not None:
             raise MedsrError(f"{path}: series_uid applies to DICOM folders, not to NIfTI files")
+        shape = _header_shape(path)
+        if shape is not None and 0 in shape:
+            raise MedsrError(f"{path}: empty image (shape {shape})")
         scan = dataclasses.replace(load_nifti(path, volume_index=volume_index), format="NIfTI")
     else:
         if volume_index is not None:
