@@ -8,6 +8,7 @@ grids; ``describe_scan`` (in :mod:`medsr.io.describe`) summarises a scan without
 from __future__ import annotations
 
 from medsr.errors import MedsrError
+from medsr.io.describe import describe_scan
 from medsr.io.dicom_read import list_series, load_dicom
 from medsr.io.dicom_write import save_dicom_series
 from medsr.io.load import load_scan
@@ -19,6 +20,7 @@ __all__ = [
     "MedsrError",
     "Scan",
     "atomic_path",
+    "describe_scan",
     "list_series",
     "load_dicom",
     "load_nifti",

@@ -23,7 +23,7 @@ def _is_nifti(path: Path) -> bool:
 def _header_shape(path: Path) -> tuple[int, ...] | None:
     """Shape from the NIfTI header alone: nibabel turns a gzipped empty image into shape (0,)."""
     try:
-        return tuple(nib.load(str(path)).shape)
+        return tuple(nib.load(str(path)).shape)  # type: ignore[attr-defined]
     except Exception:  # load_nifti reports unreadable files
         return None
 

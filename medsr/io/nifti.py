@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -44,10 +45,10 @@ def load_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
     return Scan(array=array, affine=affine, modality=_modality_hint(img), source=str(path))
 
 
-def _modality_hint(img: nib.Nifti1Image) -> str:
+def _modality_hint(img: Any) -> str:
     """NIfTI has no modality field; medsr writes one into ``descrip`` ("medsr modality=CT"), reads it back."""
     try:
-        descrip = img.header["descrip"].tobytes().decode("ascii", "ignore")  # type: ignore[index]
+        descrip = img.header["descrip"].tobytes().decode("ascii", "ignore")
     except Exception:
         return ""
     for token in descrip.split():
