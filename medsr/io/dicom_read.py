@@ -137,7 +137,7 @@ def _file_frames(ds: Dataset, path: Path) -> tuple[list[_Frame], float]:
         slope, intercept = _num(ds.get("RescaleSlope"), 1.0), _num(ds.get("RescaleIntercept"), 0.0)
         frames = [_Frame(p, ipp, iop, spacing, slope, intercept) for p in pixels]
         if len(frames) > 1 and ipp is not None and iop is not None:
-            normal = np.cross(_unit(iop[:3]), _unit(iop[3:]))
+            normal = np.cross(_unit(iop[:3], path), _unit(iop[3:], path))
             for k, f in enumerate(frames):
                 f.ipp = ipp + k * thickness * normal
         return frames, thickness
@@ -156,10 +156,10 @@ def _file_frames(ds: Dataset, path: Path) -> tuple[list[_Frame], float]:
     return frames, thickness
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
+def _unit(v: np.ndarray, where: Path) -> np.ndarray:
     n = float(np.linalg.norm(v))
     if n < 1e-6:
-        raise MedsrError(f"ImageOrientationPatient has a zero-length direction {tuple(v)}")
+        raise MedsrError(f"{where}: ImageOrientationPatient has a zero-length direction {tuple(v)}")
     return v / n
 
 
@@ -188,7 +188,7 @@ def _assemble(frames: list[_Frame], thickness: float, where: Path) -> tuple[np.n
     if spacing is None:
         warnings.warn(f"{where}: no PixelSpacing; assuming 1 mm pixels", UserWarning, stacklevel=3)
         spacing = (1.0, 1.0)
-    row, col = _unit(iop0[:3]), _unit(iop0[3:])
+    row, col = _unit(iop0[:3], where), _unit(iop0[3:], where)
     normal = np.cross(row, col)
     ipps = np.stack([f.ipp for f in frames])  # type: ignore[misc]
     order = np.argsort(ipps @ normal, kind="stable")
@@ -196,10 +196,11 @@ def _assemble(frames: list[_Frame], thickness: float, where: Path) -> tuple[np.n
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * spacing[1], col * spacing[0], normal * step
     lps[:3, 3] = ipps[order[0]]
-    stored = np.stack([frames[i].pixels.astype(np.float64) * frames[i].slope + frames[i].intercept
-                       for i in order])  # (Z, rows, cols, C)
-    # (C, X = columns, Y = rows, Z)
-    array = np.ascontiguousarray(np.transpose(stored, (3, 2, 1, 0)), dtype=np.float32)
+    rows, cols, channels = frames[0].pixels.shape
+    array = np.empty((channels, cols, rows, len(frames)), dtype=np.float32)  # (C, X = columns, Y = rows, Z)
+    for z, i in enumerate(order):
+        f = frames[i]
+        array[..., z] = np.transpose(f.pixels.astype(np.float32) * f.slope + f.intercept, (2, 1, 0))
     return array, LPS_TO_RAS @ lps, order
 
 

@@ -129,3 +129,20 @@ def test_folder_without_images(tmp_path: Path):
 def test_nonexistent_path(tmp_path: Path):
     with pytest.raises(MedsrError, match="no such file or folder"):
         load_scan(tmp_path / "missing.dcm")
+
+
+def test_repeated_position(ct_series):
+    folder, paths, _, _ = ct_series
+    (folder / "copy_of_one").write_bytes(paths[2].read_bytes())
+    with pytest.raises(MedsrError, match="share a position"):
+        load_scan(folder)
+
+
+def test_gantry_tilt_is_refused(ct_series):
+    folder, paths, _, _ = ct_series
+    row = oblique_iop()[:3]
+    for k, p in enumerate(paths):  # each slice shifted 0.3 mm further along the rows: a sheared stack
+        ipp = np.array([float(v) for v in pydicom.dcmread(p).ImagePositionPatient])
+        _edit(p, ImagePositionPatient=[f"{v:.6f}" for v in ipp + 0.3 * k * row])
+    with pytest.raises(MedsrError, match="gantry tilt"):
+        load_scan(folder)

@@ -14,7 +14,9 @@ from medsr.io import list_series, load_dicom, load_scan
 
 
 def test_ct_small_is_hounsfield_with_real_geometry():
+    before = tree_hash(datafile("CT_small.dcm"))
     scan = load_dicom(datafile("CT_small.dcm"))
+    assert tree_hash(datafile("CT_small.dcm")) == before
     ds = pydicom.dcmread(datafile("CT_small.dcm"))
     assert scan.format == "DICOM file" and scan.modality == "CT"
     assert scan.array.shape == (1, 128, 128, 1) and scan.array.dtype == np.float32
