@@ -351,8 +351,8 @@ def load_dicom(path: str | os.PathLike[str], series_uid: str | None = None) -> S
                              f"{_describe(series)}")
         items = series[series_uid]
     elif len(series) > 1:
-        raise MedsrError(f"{path}: holds {len(series)} DICOM series; choose one with series_uid "
-                         f"(medsr --series-uid):\n{_describe(series)}")
+        raise MedsrError(f"{path}: holds {len(series)} DICOM series; choose one with series_uid= "
+                         f"(--series-uid on the command line):\n{_describe(series)}")
     else:
         items = next(iter(series.values()))
     return _load_series(path, items)
