@@ -21,7 +21,7 @@ def _fail(exc: MedsrError) -> None:
 
 @app.command()
 def info(
-    path: Path = typer.Argument(..., help="NIfTI file, DICOM file, or folder holding a DICOM series"),
+    path: Path = typer.Argument(..., help="NIfTI file, DICOM file, DICOM series folder, or pydicom:NAME"),
     series_uid: Optional[str] = typer.Option(None, help="choose one series in a folder holding several"),
     volume: Optional[int] = typer.Option(None, help="volume index of a 4D NIfTI"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
@@ -31,7 +31,9 @@ def info(
     from medsr.io.describe import describe_scan
 
     try:
-        summary = describe_scan(load_scan(path, series_uid=series_uid, volume_index=volume))
+        from medsr.io.refs import resolve_ref
+
+        summary = describe_scan(load_scan(resolve_ref(str(path)), series_uid=series_uid, volume_index=volume))
     except MedsrError as exc:
         _fail(exc)
         return
@@ -61,6 +63,67 @@ def train(
         last = result.val[-1]
         typer.echo(f"step {result.step}: val PSNR {last['sr_psnr']:.2f} dB (interpolation {last['interp_psnr']:.2f})")
     typer.echo(f"checkpoint: {result.checkpoint}")
+
+
+DEFAULT_MODEL = Path(__file__).parent / "weights" / "default_x4.pt"
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package; a clear error if this install lacks it."""
+    if not DEFAULT_MODEL.is_file():
+        raise MedsrError(f"no default model shipped at {DEFAULT_MODEL}; pass --model PATH (a medsr checkpoint)")
+    return DEFAULT_MODEL
+
+
+@app.command()
+def enhance(
+    inputs: list[Path] = typer.Argument(..., help="scans: NIfTI files, DICOM files or DICOM series folders"),
+    model: Optional[Path] = typer.Option(None, help="medsr checkpoint (default: the model shipped with medsr)"),
+    out: Path = typer.Option(Path("medsr_out"), help="output folder; each input gets OUT/NAME/"),
+    samples: int = typer.Option(8, help="diffusion samples per scan (mean, std and interval come from them)"),
+    steps: int = typer.Option(20, help="DDIM steps per sample"),
+    sampler: str = typer.Option("ddim", help="ddim (fast) or ddpm (all 1000 steps, SR3's reference)"),
+    seed: int = typer.Option(0, help="random seed; same seed, same result"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    amp: str = typer.Option("auto", help="autocast: auto (bf16 on CUDA), bf16, fp16 or none"),
+    save_samples: bool = typer.Option(False, "--save-samples", help="also write every sample (samples.nii.gz)"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="nifti, dicom or both (default: both for DICOM input)"),
+    projection: bool = typer.Option(True, help="data-consistency projection at every step"),
+    overlap: float = typer.Option(0.25, help="sliding-window overlap"),
+    series_uid: Optional[str] = typer.Option(None, help="series to use in a folder holding several"),
+) -> None:
+    """Enhance scans: posterior mean, per-voxel std, 5-95% interval, review figure and report per input."""
+    from tqdm import tqdm
+
+    from medsr.enhance import EnhanceOptions, enhance_scan
+    from medsr.io import load_scan
+    from medsr.io.refs import resolve_ref
+    from medsr.model import load_model
+    from medsr.outputs import write_outputs
+    from medsr.train import resolve_device
+
+    try:
+        if fmt not in (None, "nifti", "dicom", "both"):
+            raise MedsrError(f"--format must be nifti, dicom or both, got {fmt!r}")
+        loaded = load_model(model or default_model_path(), device=resolve_device(device))
+        options = EnhanceOptions(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device, amp=amp,
+                                 project=projection, overlap=overlap, keep_samples=save_samples)
+        for path in inputs:
+            scan = load_scan(resolve_ref(str(path)), series_uid=series_uid)
+            is_dicom = bool(scan.dicom_headers)
+            formats = fmt or ("both" if is_dicom else "nifti")
+            with tqdm(total=1, desc=scan.name, unit="step", dynamic_ncols=True) as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.n = done
+                    bar.refresh()
+
+                result = enhance_scan(scan, loaded, options, progress)
+            folder = write_outputs(scan, result, loaded, options, out, formats=formats, save_samples=save_samples)
+            typer.echo(f"{path} -> {folder} (x{'x'.join(map(str, result.factors))}, uncertainty score "
+                       f"{result.score.mean_std:.4f}, {result.timings['total_s']:.1f} s)")
+    except MedsrError as exc:
+        _fail(exc)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,0 +1,85 @@
+"""Write what ``medsr enhance`` produces for one scan into ``OUT/NAME/``, every file atomically.
+
+``mean.nii.gz``, ``std.nii.gz``, ``q05.nii.gz``, ``q95.nii.gz`` on the refined grid; ``review.png``;
+``report.json``; for DICOM output ``dicom_mean/`` and ``dicom_std/`` derived series; ``samples.nii.gz``
+(4D, one volume per sample) on request. ``report.json`` is written last, so its presence marks a finished item.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsr import __version__
+from medsr.enhance import EnhanceOptions, EnhanceResult
+from medsr.io import Scan, atomic_path, safe_join, save_dicom_series, save_nifti
+from medsr.model import LoadedModel
+from medsr.review import review_figure
+
+__all__ = ["write_outputs", "build_report"]
+
+
+def build_report(scan: Scan, result: EnhanceResult, model: LoadedModel, options: EnhanceOptions) -> dict[str, Any]:
+    """The JSON report: what was done, with which model, how long it took and how sure the model is."""
+    return {
+        "medsr_version": __version__,
+        "model": {"path": model.path, "sha256": model.sha256, "step": model.step,
+                  "degradation": model.config.degrade, "calibration": model.calibration},
+        "input": {"format": getattr(scan, "format", ""), "modality": scan.modality,
+                  "shape": list(scan.spatial_shape), "spacing_mm": [round(s, 6) for s in scan.spacing]},
+        "output": {"shape": list(result.mean.spatial_shape),
+                   "spacing_mm": [round(s, 6) for s in result.mean.spacing],
+                   "scale": list(result.factors)},
+        "sampling": {"sampler": options.sampler, "steps": options.steps, "samples": options.samples,
+                     "seed": options.seed, "data_consistency_projection": options.project,
+                     "overlap": options.overlap, **result.info},
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "score": {"mean_std_fraction_of_range": result.score.mean_std,
+                  "high_uncertainty_fraction": result.score.high_fraction,
+                  "high_uncertainty_threshold": result.score.threshold,
+                  "body_voxels": result.score.body_voxels},
+        "interval": {"low": 0.05, "high": 0.95, "method": result.interval_method},
+        "data_consistency": result.consistency,
+    }
+
+
+def write_outputs(scan: Scan, result: EnhanceResult, model: LoadedModel, options: EnhanceOptions,
+                  out_root: str | os.PathLike[str], name: str | None = None, formats: str = "nifti",
+                  save_samples: bool = False) -> Path:
+    """Write all outputs for ``scan`` into ``out_root/name`` (name sanitised); returns that folder."""
+    if formats not in ("nifti", "dicom", "both"):
+        raise ValueError(f"formats must be nifti, dicom or both, got {formats!r}")
+    folder = safe_join(out_root, name or scan.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    if formats in ("nifti", "both"):
+        for key in ("mean", "std", "q05", "q95"):
+            save_nifti(getattr(result, key), folder / f"{key}.nii.gz")
+            written.append(f"{key}.nii.gz")
+    if formats in ("dicom", "both"):
+        scale = "x".join(str(f) for f in result.factors)
+        save_dicom_series(result.mean, scan, folder / "dicom_mean",
+                          f"medsr SR3 {scale} enhanced (mean of {options.samples})")
+        save_dicom_series(result.std, scan, folder / "dicom_std",
+                          f"medsr SR3 {scale} uncertainty (std of {options.samples})")
+        written += ["dicom_mean/", "dicom_std/"]
+    if save_samples and result.samples is not None:
+        samples = Scan(array=np.moveaxis(result.samples, 0, 0).astype(np.float32), affine=result.mean.affine,
+                       modality=scan.modality, source=scan.source)
+        save_nifti(samples, folder / "samples.nii.gz")
+        written.append("samples.nii.gz")
+    units = "HU" if scan.modality.upper() == "CT" else ""
+    review_figure(scan.array[0], result.mean.array[0], result.std.array[0], result.factors, folder / "review.png",
+                  title=f"medsr x{'x'.join(map(str, result.factors))}, {options.samples} samples, "
+                        f"uncertainty score {result.score.mean_std:.4f}",
+                  units=units, slice_axis=result.info.get("slice_axis") or 2)
+    written.append("review.png")
+    report = build_report(scan, result, model, options)
+    report["files"] = written + ["report.json"]
+    with atomic_path(folder / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    return folder
