@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,8 +21,8 @@ def _fail(exc: MedsrError) -> None:
 @app.command()
 def info(
     path: Path = typer.Argument(..., help="NIfTI file, DICOM file, DICOM series folder, or pydicom:NAME"),
-    series_uid: Optional[str] = typer.Option(None, help="choose one series in a folder holding several"),
-    volume: Optional[int] = typer.Option(None, help="volume index of a 4D NIfTI"),
+    series_uid: str | None = typer.Option(None, help="choose one series in a folder holding several"),
+    volume: int | None = typer.Option(None, help="volume index of a 4D NIfTI"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Print what a scan is (format, modality, shape, spacing, orientation, range, series UID); no patient data."""
@@ -78,7 +77,7 @@ def default_model_path() -> Path:
 @app.command()
 def enhance(
     inputs: list[Path] = typer.Argument(..., help="scans: NIfTI files, DICOM files or DICOM series folders"),
-    model: Optional[Path] = typer.Option(None, help="medsr checkpoint (default: the model shipped with medsr)"),
+    model: Path | None = typer.Option(None, help="medsr checkpoint (default: the model shipped with medsr)"),
     out: Path = typer.Option(Path("medsr_out"), help="output folder; each input gets OUT/NAME/"),
     samples: int = typer.Option(8, help="diffusion samples per scan (mean, std and interval come from them)"),
     steps: int = typer.Option(20, help="DDIM steps per sample"),
@@ -87,10 +86,10 @@ def enhance(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     amp: str = typer.Option("auto", help="autocast: auto (bf16 on CUDA), bf16, fp16 or none"),
     save_samples: bool = typer.Option(False, "--save-samples", help="also write every sample (samples.nii.gz)"),
-    fmt: Optional[str] = typer.Option(None, "--format", help="nifti, dicom or both (default: both for DICOM input)"),
+    fmt: str | None = typer.Option(None, "--format", help="nifti, dicom or both (default: both for DICOM input)"),
     projection: bool = typer.Option(True, help="data-consistency projection at every step"),
     overlap: float = typer.Option(0.25, help="sliding-window overlap"),
-    series_uid: Optional[str] = typer.Option(None, help="series to use in a folder holding several"),
+    series_uid: str | None = typer.Option(None, help="series to use in a folder holding several"),
 ) -> None:
     """Enhance scans: posterior mean, per-voxel std, 5-95% interval, review figure and report per input."""
     from tqdm import tqdm

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,18 @@ def build_report(scan: Scan, result: EnhanceResult, model: LoadedModel, options:
     }
 
 
+def _write_series(image: Scan, reference: Scan, final: Path, description: str) -> None:
+    """Write a derived series into a hidden temporary folder, then swap it in: never a half-written series."""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_dicom_series(image, reference, tmp, description)
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_outputs(scan: Scan, result: EnhanceResult, model: LoadedModel, options: EnhanceOptions,
                   out_root: str | os.PathLike[str], name: str | None = None, formats: str = "nifti",
                   save_samples: bool = False) -> Path:
@@ -62,10 +75,8 @@ def write_outputs(scan: Scan, result: EnhanceResult, model: LoadedModel, options
             written.append(f"{key}.nii.gz")
     if formats in ("dicom", "both"):
         scale = "x".join(str(f) for f in result.factors)
-        save_dicom_series(result.mean, scan, folder / "dicom_mean",
-                          f"medsr SR3 {scale} enhanced (mean of {options.samples})")
-        save_dicom_series(result.std, scan, folder / "dicom_std",
-                          f"medsr SR3 {scale} uncertainty (std of {options.samples})")
+        _write_series(result.mean, scan, folder / "dicom_mean", f"medsr SR3 {scale} enhanced (mean of {options.samples})")
+        _write_series(result.std, scan, folder / "dicom_std", f"medsr SR3 {scale} uncertainty (std of {options.samples})")
         written += ["dicom_mean/", "dicom_std/"]
     if save_samples and result.samples is not None:
         samples = Scan(array=np.moveaxis(result.samples, 0, 0).astype(np.float32), affine=result.mean.affine,
