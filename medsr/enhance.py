@@ -44,6 +44,7 @@ class EnhanceOptions:
     overlap: float = 0.25
     batch_size: int = 16  # images per network call (samples x slices)
     keep_samples: bool = False
+    slice_axis: int | None = None  # 2D models: the axis to slice across; None: choose_slice_axis(scan)
 
 
 @dataclass
@@ -104,7 +105,9 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: EnhanceOptions | None 
         "none" if opt.amp == "auto" else opt.amp)
     t0 = time.perf_counter()
     two_d = spec.spatial_dims == 2
-    axis = choose_slice_axis(scan) if two_d else None
+    axis = (choose_slice_axis(scan) if opt.slice_axis is None else int(opt.slice_axis)) if two_d else None
+    if axis is not None and axis not in (0, 1, 2):
+        raise MedsrError(f"slice_axis must be 0, 1 or 2, got {opt.slice_axis}")
     factors = volume_factors(spec, axis)
     norm = fit_normaliser(scan.array, scan.modality, cfg.intensity)
     low = torch.from_numpy(norm.normalise(scan.array[0]))
