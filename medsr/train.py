@@ -199,6 +199,8 @@ def train(cfg: Config) -> TrainResult:
         with atomic_path(out_dir / "config.json") as tmp:
             tmp.write_text(json.dumps(to_dict(cfg), indent=2))
     log_path = out_dir / "log.csv"
+    if rank == 0:
+        _truncate_csv(log_path, start)  # rows logged after the checkpoint we resume from are redone below
     losses: list[float] = []
     val_log: list[dict[str, float]] = []
     bar = tqdm(total=cfg.train.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
@@ -263,6 +265,21 @@ def train(cfg: Config) -> TrainResult:
 
 CSV_FIELDS = ["step", "loss", "lr", "data_wait_share", "sec_per_step",
               "sr_psnr", "sr_ssim", "interp_psnr", "interp_ssim"]
+
+
+def _truncate_csv(path: Path, last_step: int) -> None:
+    """Drop log rows past ``last_step`` (left by a run that stopped after its last checkpoint)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    keep = [r for r in rows if int(r["step"]) <= last_step]
+    if len(keep) == len(rows):
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(keep)
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:

@@ -137,6 +137,20 @@ def test_resume_equals_uninterrupted(finished_run, tmp_path: Path) -> None:  # n
     assert again.step == 6 and again.losses == []
 
 
+def test_resume_after_a_crash_past_the_last_checkpoint_keeps_one_log_row_per_step(finished_run,  # noqa: ANN001
+                                                                                    tmp_path: Path) -> None:
+    """Steps logged after the last checkpoint are redone on resume; the log must not list them twice."""
+    out = tmp_path / "run"
+    train(tiny_config(out, "train.steps=3"))
+    saved = (out / "last.pt").read_bytes()
+    train(tiny_config(out, "train.steps=5"))  # steps 4, 5 logged ...
+    (out / "last.pt").write_bytes(saved)  # ... then a crash before their checkpoint was written
+    train(tiny_config(out, "train.steps=6"))
+    log, ref_log = _log(out / "log.csv"), _log(finished_run.out_dir / "log.csv")
+    assert [r["step"] for r in log] == [str(s) for s in range(1, 7)]
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
+
+
 # --- (c) bad checkpoints are refused --------------------------------------------------------------------
 
 def _copy_checkpoint(src: Path, dst_dir: Path) -> Path:
