@@ -277,7 +277,7 @@ def _truncate_csv(path: Path, last_step: int) -> None:
     if len(keep) == len(rows):
         return
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(keep)
 
