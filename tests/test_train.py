@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from medsr.cli import app
@@ -27,7 +28,16 @@ from medsr.model import CHECKPOINT_FORMAT, build_unet, load_checkpoint, load_mod
 from medsr.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+TRAIN_KEYS = {"degrade", "data", "diffusion", "intensity", "train"}  # a model/training config (medsr.config)
+
+
+def _training_configs() -> list[Path]:
+    """YAML files in configs/ that describe a model (other files there hold other tools' options)."""
+    return [p for p in sorted((REPO / "configs").glob("*.yaml"))
+            if TRAIN_KEYS & set(yaml.safe_load(p.read_text()) or {})]
+
+
+CONFIGS = _training_configs()
 
 TINY = ["model.channels=[8,16]", "model.attention_levels=[false,false]", "model.num_head_channels=8",
         "model.norm_num_groups=4", "train.amp=none", "train.device=cpu", "train.threads=1"]
@@ -77,6 +87,8 @@ def test_shipped_configs_load_and_are_consistent(path: Path) -> None:
 
 
 def test_shipped_configs_write_to_their_own_out_dirs() -> None:
+    assert {"default_model.yaml", "sr2d_x4.yaml", "denoise2d_lowdose.yaml", "sr3d_throughplane_x4.yaml"} <= {
+        p.name for p in CONFIGS}
     out_dirs = [load_config(p).train.out_dir for p in CONFIGS]
     assert len(set(out_dirs)) == len(out_dirs)
 
