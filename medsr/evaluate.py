@@ -1,0 +1,473 @@
+"""Check a model on scans whose truth is known: degrade, enhance, compare (``medsr evaluate``).
+
+Each high-quality scan is cropped so its size divides by the factors, normalised with the model's normaliser,
+degraded with a stated operator (a spec string, see :mod:`medsr.degrade`) and denormalised into a low-resolution
+:class:`~medsr.io.Scan` whose coarse voxels are blocks of the fine ones (``refined_affine(low.affine, f)`` is the
+truth's affine). That scan is enhanced with :func:`medsr.enhance.enhance_scan`, and three answers are compared
+with the truth: interpolation of the input (bicubic 2D / trilinear 3D, SR3's baseline), one diffusion sample, and
+the posterior mean. All metrics are in normalised units (the truth's normaliser, range [-1, 1], data range 2):
+
+- PSNR and SSIM (MONAI ``PSNRMetric``/``SSIMMetric``) on the whole image and inside the body (truth above
+  ``data.foreground_threshold``); SSIM of a 2D model is the mean over its slices.
+- data consistency (SR3): mean/max |A(output) - input| with A the spec's noise-free linear operator.
+- calibration of the posterior: coverage of the central 5-95% interval (nominal 0.90), coverage of other central
+  intervals from the kept samples (the calibration curve), and the Spearman rank correlation between per-patch
+  std and per-patch |error| of the mean (8x8 in-plane patches inside the body): does high uncertainty mark
+  real error?
+- the spread calibration factor ``c``: ``mean ± c (q - mean)`` covers 90% of body voxels
+  (:func:`fit_spread_calibration`), fitted on a calibration split or, when none is given, in-sample.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from monai.metrics import PSNRMetric, SSIMMetric  # noqa: E402
+from monai.metrics.regression import compute_ssim_and_cs  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+from medsr import __version__  # noqa: E402
+from medsr.degrade import (  # noqa: E402
+    DegradeSpec,
+    apply_degradation,
+    block_average,
+    draw_params,
+    kspace_truncate,
+    parse_spec,
+    psf_blur,
+    upsample,
+)
+from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan, volume_factors  # noqa: E402
+from medsr.errors import MedsrError  # noqa: E402
+from medsr.intensity import IntensityConfig, Normaliser, fit_normaliser  # noqa: E402
+from medsr.io.paths import atomic_path, sanitize_component  # noqa: E402
+from medsr.io.scan import Scan  # noqa: E402
+from medsr.model import LoadedModel  # noqa: E402
+
+__all__ = ["coarse_affine", "crop_to_factors", "Degraded", "degrade_scan", "fit_spread_calibration",
+           "ScanEvaluation", "Evaluation", "evaluate_scans", "write_evaluation", "format_table", "METHODS"]
+
+METHODS = ("interpolation", "sample", "mean")
+LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # central intervals of the calibration curve
+DATA_RANGE = 2.0  # normalised units: the normaliser maps its range onto [-1, 1]
+PATCH = 8  # in-plane patch size for the std-error rank correlation
+
+
+def coarse_affine(fine_affine: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`medsr.io.refined_affine`: the grid whose voxel i is the block ``f*i .. f*i+f-1``."""
+    f = np.asarray([int(v) for v in factors], dtype=np.float64)
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(1.0 / f)
+    scale[:3, 3] = -(f - 1.0) / (2.0 * f)
+    return np.asarray(fine_affine, dtype=np.float64) @ np.linalg.inv(scale)
+
+
+def crop_to_factors(scan: Scan, factors: Sequence[int]) -> Scan:
+    """Centred crop so that each axis divides by its factor; the affine follows the crop."""
+    shape = scan.spatial_shape
+    keep = [s - s % int(f) for s, f in zip(shape, factors)]
+    if any(k == 0 for k in keep):
+        raise MedsrError(f"{scan.source}: shape {shape} is smaller than the factors {tuple(factors)}")
+    start = [(s - k) // 2 for s, k in zip(shape, keep)]
+    array = scan.array[(slice(None), *(slice(a, a + k) for a, k in zip(start, keep)))]
+    affine = np.asarray(scan.affine, np.float64).copy()
+    affine[:3, 3] = affine[:3, :3] @ np.asarray(start, np.float64) + affine[:3, 3]
+    return scan.with_array(array, affine)
+
+
+@dataclass
+class Degraded:
+    """A truth and its degraded input. Volumes are ``(X, Y, Z)``; ``*_norm`` in normalised units."""
+
+    truth: Scan  # cropped high-quality scan (scan units)
+    low: Scan  # the degraded input on the coarse grid (scan units)
+    truth_norm: np.ndarray
+    low_norm: np.ndarray
+    norm: Normaliser
+    spec: DegradeSpec
+    factors: tuple[int, int, int]
+    slice_axis: int | None  # 2D operators: the axis slices are cut across; None for 3D
+
+
+def _items(vol: np.ndarray | torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Volume ``(X, Y, Z)`` -> batch ``(S, 1, A, B)`` of slices across ``axis`` (2D) or ``(1, 1, X, Y, Z)``."""
+    t = torch.as_tensor(vol, dtype=torch.float32)
+    return t.movedim(axis, 0)[:, None] if axis is not None else t[None, None]
+
+
+def _volume(items: torch.Tensor, axis: int | None) -> np.ndarray:
+    return (items[:, 0].movedim(0, axis) if axis is not None else items[0, 0]).numpy()
+
+
+def degrade_scan(hr: Scan, spec: DegradeSpec | str, intensity: IntensityConfig | None = None,
+                 slice_axis: int | None = None, seed: int = 0) -> Degraded:
+    """Crop, normalise, degrade (in normalised units, noise seeded by ``seed``) and denormalise ``hr``.
+
+    A 2D operator works on slices across ``slice_axis`` (default: :func:`medsr.enhance.choose_slice_axis`).
+    """
+    spec = parse_spec(spec)
+    axis = (choose_slice_axis(hr) if slice_axis is None else int(slice_axis)) if spec.spatial_dims == 2 else None
+    factors = volume_factors(spec, axis)
+    truth = crop_to_factors(hr, factors)
+    norm = fit_normaliser(truth.array, truth.modality, intensity)
+    truth_norm = norm.normalise(truth.array[0])
+    params = draw_params(spec, np.random.default_rng(seed))
+    low_norm = _volume(apply_degradation(_items(truth_norm, axis), params), axis)
+    low = replace(truth, array=norm.denormalise(low_norm)[None], affine=coarse_affine(truth.affine, factors),
+                  dicom_headers=[], series_uid="")
+    return Degraded(truth, low, truth_norm, low_norm, norm, spec, factors, axis)
+
+
+def forward_operator(x: torch.Tensor, spec: DegradeSpec) -> torch.Tensor:
+    """The spec's noise-free linear operator ``A`` (blur + block average, or k-space truncation)."""
+    if spec.kind == "kspace":
+        return kspace_truncate(x, spec.factors)
+    return block_average(psf_blur(x, spec.sigma) if spec.sigma > 0 else x, spec.factors)
+
+
+def needed_scale(truth: np.ndarray, mean: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray) -> np.ndarray:
+    """Per voxel, the smallest c for which ``mean + c (q - mean)`` contains the truth (inf if none does)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(truth >= mean, (truth - mean) / (q_hi - mean), (mean - truth) / (mean - q_lo))
+    up = np.where(truth == mean, 0.0, up)
+    return np.where(np.isfinite(up) & (up >= 0), up, np.inf)
+
+
+def fit_spread_calibration(truth: np.ndarray | Sequence[np.ndarray], mean: np.ndarray | Sequence[np.ndarray],
+                           q_lo: np.ndarray | Sequence[np.ndarray], q_hi: np.ndarray | Sequence[np.ndarray],
+                           mask: np.ndarray | Sequence[np.ndarray] | None = None, target: float = 0.9) -> float:
+    """The spread scale ``c`` such that ``mean ± c (q - mean)`` covers ``target`` of the (masked) voxels.
+
+    Arrays (or lists of arrays, one per scan of a calibration split) in any one unit. ``c`` multiplies the
+    calibration already in ``q``: with ``q`` from a model of calibration ``k``, store ``k * c`` in the checkpoint.
+    Exact: ``c`` is the ``target`` quantile of :func:`needed_scale`. Returns inf when no finite ``c`` reaches it.
+    """
+    def listed(a: Any) -> list[np.ndarray]:
+        return [np.asarray(v) for v in a] if isinstance(a, (list, tuple)) else [np.asarray(a)]
+
+    truths, means, los, his = listed(truth), listed(mean), listed(q_lo), listed(q_hi)
+    masks = listed(mask) if mask is not None else [np.ones(t.shape, bool) for t in truths]
+    need = np.concatenate([needed_scale(t, m, lo, hi)[k.astype(bool)]
+                           for t, m, lo, hi, k in zip(truths, means, los, his, masks)])
+    if need.size == 0:
+        raise MedsrError("spread calibration: no voxels to fit on")
+    return float(np.quantile(need, target, method="higher"))
+
+
+@dataclass
+class ScanEvaluation:
+    """Everything measured on one scan; ``rows`` are the CSV rows (one per method)."""
+
+    name: str
+    source: str
+    rows: list[dict[str, Any]]
+    curve: dict[str, list[float]]  # nominal, empirical (body), inside/total counts per level
+    patch_std: np.ndarray
+    patch_err: np.ndarray
+    planes: dict[str, np.ndarray]  # 2D planes for the side-by-side figure (normalised units)
+    needed: np.ndarray  # per body voxel, the spread scale that would cover it (absolute, see fit_spread_calibration)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    """All scans, the overall summary (what ``summary.json`` holds) and the settings."""
+
+    scans: list[ScanEvaluation]
+    summary: dict[str, Any]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [row for s in self.scans for row in s.rows]
+
+
+def _psnr(pred: np.ndarray, truth: np.ndarray) -> float:
+    metric = PSNRMetric(max_val=DATA_RANGE)
+    return float(metric(torch.as_tensor(pred)[None, None], torch.as_tensor(truth)[None, None]).mean())
+
+
+def _ssim(pred: torch.Tensor, truth: torch.Tensor, body: torch.Tensor) -> tuple[float, float]:
+    """MONAI SSIM (gaussian 11 window, sigma 1.5, or smaller on small images): whole image and inside ``body``."""
+    dims = pred.ndim - 2
+    win = min(11, *pred.shape[2:])
+    win -= 1 - win % 2  # odd
+    if win < 3:
+        return math.nan, math.nan
+    metric = SSIMMetric(spatial_dims=dims, data_range=DATA_RANGE, win_size=win)
+    whole = float(metric(pred, truth).mean())
+    ssim_map, _ = compute_ssim_and_cs(pred, truth, dims, [win] * dims, [1.5] * dims, data_range=DATA_RANGE)
+    h = win // 2
+    inner = body[(slice(None), slice(None), *[slice(h, s - h) for s in body.shape[2:]])]
+    return whole, float(ssim_map[inner].mean()) if inner.any() else math.nan
+
+
+def _patch_means(vol: np.ndarray, patch: Sequence[int]) -> np.ndarray:
+    n = [s // p for s, p in zip(vol.shape, patch)]
+    v = vol[tuple(slice(0, k * p) for k, p in zip(n, patch))]
+    return v.reshape(n[0], patch[0], n[1], patch[1], n[2], patch[2]).mean(axis=(1, 3, 5)).ravel()
+
+
+def _pick_slice(body: np.ndarray, axis: int) -> int:
+    return int(np.argmax(body.sum(axis=tuple(a for a in range(3) if a != axis))))
+
+
+def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceOptions, seed: int,
+                  name: str, progress: Callable[[int, int], None] | None) -> ScanEvaluation:
+    cfg = model.config
+    axis = choose_slice_axis(hr) if spec.spatial_dims == 2 else None
+    deg = degrade_scan(hr, spec, cfg.intensity, axis, seed)
+    t0 = time.perf_counter()
+    result = enhance_scan(deg.low, model, replace(opt, keep_samples=True, slice_axis=axis), progress)
+    enhance_s = time.perf_counter() - t0
+    norm, truth = deg.norm, deg.truth_norm
+    half = 0.5 * (norm.hi - norm.lo)
+    mean = norm.normalise(result.mean.array[0])
+    std = result.std.array[0] / half
+    q_lo, q_hi = norm.normalise(result.q05.array[0]), norm.normalise(result.q95.array[0])
+    samples = norm.normalise(result.samples) if result.samples is not None else mean[None]
+    if mean.shape != truth.shape:
+        raise MedsrError(f"{hr.source}: enhanced shape {mean.shape} differs from the truth's {truth.shape}")
+    low_items = _items(deg.low_norm, axis)
+    answers = {"interpolation": _volume(upsample(low_items, spec.factors), axis), "sample": samples[0], "mean": mean}
+    body = truth > cfg.data.foreground_threshold
+    body_items = _items(body, axis).bool()
+    truth_items = _items(truth, axis)
+    rows: list[dict[str, Any]] = []
+    for method, pred in answers.items():
+        pred_items = _items(pred, axis)
+        ssim, ssim_body = _ssim(pred_items, truth_items, body_items)
+        err = (forward_operator(pred_items, spec) - low_items).abs()
+        rows.append({"scan": name, "method": method, "psnr": _psnr(pred, truth),
+                     "psnr_body": _psnr(pred[body], truth[body]) if body.any() else math.nan,
+                     "ssim": ssim, "ssim_body": ssim_body,
+                     "consistency_mae": float(err.mean()), "consistency_max": float(err.max())})
+    inside = (truth >= q_lo) & (truth <= q_hi)
+    mask = body if body.any() else np.ones_like(body)
+    # calibration curve from the kept samples, spread scaled about the mean by the model's calibration
+    k = model.calibration
+    qs = np.quantile(samples, [q for p in LEVELS for q in (0.5 - p / 2, 0.5 + p / 2)], axis=0)
+    counts = []
+    for i, _ in enumerate(LEVELS):
+        lo, hi = mean + k * (qs[2 * i] - mean), mean + k * (qs[2 * i + 1] - mean)
+        counts.append(int(((truth >= lo) & (truth <= hi))[mask].sum()))
+    curve = {"nominal": list(LEVELS), "empirical": [c / int(mask.sum()) for c in counts], "inside": counts,
+             "total": [int(mask.sum())] * len(LEVELS)}
+    patch = [1 if a == axis else PATCH for a in range(3)] if axis is not None else [PATCH] * 3
+    patch = [min(p, s) for p, s in zip(patch, truth.shape)]
+    p_std, p_err = _patch_means(std, patch), _patch_means(np.abs(mean - truth), patch)
+    keep = _patch_means(body.astype(np.float32), patch) >= 0.5
+    p_std, p_err = p_std[keep], p_err[keep]
+    rho = math.nan
+    if len(p_std) >= 3 and np.ptp(p_std) > 0 and np.ptp(p_err) > 0:
+        rho = float(spearmanr(p_std, p_err)[0])
+    posterior = {"coverage_90": float(inside.mean()), "coverage_90_body": float(inside[mask].mean()),
+                 "spearman_std_error": rho, "patches": int(len(p_std)), "mean_std_body": float(std[mask].mean())}
+    for row in rows:
+        row.update(posterior if row["method"] == "mean" else {key: math.nan for key in posterior})
+    view = axis if axis is not None else 2
+    index = _pick_slice(body, view)
+    planes = {"truth": truth, "interpolation": answers["interpolation"], "sample": samples[0], "mean": mean,
+              "std": std, "error": np.abs(mean - truth)}
+    planes = {key: np.take(v, index, axis=view).T for key, v in planes.items()}
+    info = {"source": hr.source, "modality": hr.modality, "shape": list(deg.truth.spatial_shape),
+            "input_shape": list(deg.low.spatial_shape), "factors": list(deg.factors), "slice_axis": axis,
+            "normaliser": norm.to_dict(), "body_voxels": int(body.sum()), "interval_method": result.interval_method,
+            "enhance_s": round(enhance_s, 3), "truth_consistency_mae": float(
+                (forward_operator(truth_items, spec) - low_items).abs().mean())}
+    needed = needed_scale(truth, mean, q_lo, q_hi)[mask] * k
+    return ScanEvaluation(name, hr.source, rows, curve, p_std, p_err, planes, needed, info)
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | DegradeSpec,
+                   options: EnhanceOptions | None = None, calibration_scans: Sequence[Scan] = (),
+                   progress: Callable[[int, int], None] | None = None) -> Evaluation:
+    """Degrade each high-quality scan with ``degrade``, enhance it with ``model`` and score it (module docstring).
+
+    ``calibration_scans`` (a split held out from ``scans``) are enhanced only to fit the spread calibration
+    factor; without them it is fitted in-sample on ``scans`` (and says so).
+    """
+    opt = options or EnhanceOptions()
+    spec = parse_spec(degrade)
+    model_spec = parse_spec(model.config.degrade)
+    if spec.spatial_dims != model_spec.spatial_dims or tuple(spec.factors) != tuple(model_spec.factors):
+        raise MedsrError(f"degradation {spec} has factors {tuple(spec.factors)} but the model was trained for "
+                         f"{model_spec} (factors {tuple(model_spec.factors)}); use the same factors")
+    if not scans:
+        raise MedsrError("no scans to evaluate")
+    evaluated, names = [], set()
+    for i, scan in enumerate(scans):
+        name = scan.name if scan.name not in names else f"{scan.name}_{i}"
+        names.add(name)
+        evaluated.append(_evaluate_one(scan, model, spec, opt, opt.seed + 7919 * i, name, progress))
+    calib = [_evaluate_one(s, model, spec, opt, opt.seed + 104729 + 7919 * i, f"calib_{i}", progress)
+             for i, s in enumerate(calibration_scans)]
+    fit_on = calib or evaluated
+    need = np.concatenate([s.needed for s in fit_on])
+    factor = float(np.quantile(need, 0.9, method="higher")) if need.size else math.nan
+    pooled = np.concatenate([s.needed for s in evaluated])
+    overall = {m: {key: _mean([r[key] for s in evaluated for r in s.rows if r["method"] == m])
+                   for key in evaluated[0].rows[0] if key not in ("scan", "method")} for m in METHODS}
+    overall["interpolation"] = {k: v for k, v in overall["interpolation"].items() if math.isfinite(v)}
+    overall["sample"] = {k: v for k, v in overall["sample"].items() if math.isfinite(v)}
+    inside = np.sum([s.curve["inside"] for s in evaluated], axis=0)
+    total = np.sum([s.curve["total"] for s in evaluated], axis=0)
+    all_std = np.concatenate([s.patch_std for s in evaluated])
+    all_err = np.concatenate([s.patch_err for s in evaluated])
+    pooled_rho = float(spearmanr(all_std, all_err)[0]) if len(all_std) >= 3 and np.ptp(all_std) > 0 else math.nan
+    summary = {
+        "medsr_version": __version__,
+        "model": {"path": model.path, "sha256": model.sha256, "step": model.step, "trained_for": model.config.degrade,
+                  "calibration": model.calibration},
+        "degradation": str(spec),
+        "sampling": {"sampler": opt.sampler, "steps": opt.steps, "samples": opt.samples, "seed": opt.seed,
+                     "data_consistency_projection": opt.project},
+        "metrics": {"units": "normalised (truth's normaliser, data range 2)",
+                    "interpolation": "bicubic" if spec.spatial_dims == 2 else "trilinear",
+                    "body": f"truth > {model.config.data.foreground_threshold} (normalised)",
+                    "consistency": "mean/max |A(output) - input|, A = the spec's noise-free operator",
+                    "spearman": f"per-patch std vs |error of mean|, {PATCH}-voxel patches >= half body"},
+        "overall": overall,
+        "calibration": {"nominal": 0.9, "coverage_90_body": overall["mean"]["coverage_90_body"],
+                        "coverage_90": overall["mean"]["coverage_90"],
+                        "curve": {"nominal": list(LEVELS), "empirical": (inside / np.maximum(total, 1)).tolist()},
+                        "spearman_pooled": pooled_rho},
+        "spread_calibration": {"factor": factor, "target": 0.9, "in_sample": not calib,
+                               "fitted_on": [s.source for s in calib] or [s.source for s in evaluated],
+                               "coverage_90_body_with_factor": float((pooled <= factor).mean()) if pooled.size
+                               else math.nan},
+        "scans": [{"name": s.name, **s.info, "rows": s.rows} for s in evaluated],
+    }
+    return Evaluation(evaluated, summary)
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None so that summary.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+CSV_FIELDS = ["scan", "method", "psnr", "psnr_body", "ssim", "ssim_body", "consistency_mae", "consistency_max",
+              "coverage_90", "coverage_90_body", "spearman_std_error", "patches", "mean_std_body"]
+
+
+def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``metrics.csv``, ``summary.json``, ``calibration.png``, ``error_vs_uncertainty.png`` and
+    ``compare_NAME.png`` per scan into ``out_dir``, each atomically; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with atomic_path(out / "metrics.csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            for row in evaluation.rows:
+                writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
+                                     f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    written.append(out / "metrics.csv")
+    written += [_calibration_plot(evaluation, out / "calibration.png"),
+                _scatter_plot(evaluation, out / "error_vs_uncertainty.png")]
+    written += [_compare_figure(s, out / f"compare_{sanitize_component(s.name)}.png") for s in evaluation.scans]
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(_clean(evaluation.summary), indent=2))
+    written.append(out / "summary.json")
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
+def _calibration_plot(evaluation: Evaluation, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 5), constrained_layout=True)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
+    for s in evaluation.scans:
+        ax.plot(s.curve["nominal"], s.curve["empirical"], "-", lw=1, alpha=0.6, label=s.name)
+    curve = evaluation.summary["calibration"]["curve"]
+    ax.plot(curve["nominal"], curve["empirical"], "o-", lw=2, color="black", label="all scans")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal coverage of the central interval",
+           ylabel="empirical coverage (body voxels)", title="calibration of the sample spread")
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def _scatter_plot(evaluation: Evaluation, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 5), constrained_layout=True)
+    for s in evaluation.scans:
+        ax.scatter(s.patch_std, s.patch_err, s=6, alpha=0.5, label=s.name)
+    rho = evaluation.summary["calibration"]["spearman_pooled"]
+    ax.set(xlabel="per-patch mean std (normalised units)", ylabel="per-patch mean |error| of the mean",
+           title=f"error vs uncertainty (Spearman {rho:.2f})")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _compare_figure(s: ScanEvaluation, path: Path) -> Path:
+    p = s.planes
+    vmin, vmax = np.percentile(p["truth"], [1, 99.5])
+    hot = max(float(np.percentile(np.concatenate([p["std"].ravel(), p["error"].ravel()]), 99.5)), 1e-6)
+    titles = {"truth": "truth", "interpolation": "interpolation", "sample": "one sample", "mean": "posterior mean",
+              "std": "std", "error": "|mean - truth|"}
+    fig, axes = plt.subplots(1, 6, figsize=(18, 3.6), constrained_layout=True)
+    for ax, key in zip(axes, titles):
+        gray = key not in ("std", "error")
+        im = ax.imshow(p[key], cmap="gray" if gray else "inferno", vmin=vmin if gray else 0,
+                       vmax=vmax if gray else hot, origin="lower", interpolation="nearest")
+        ax.set_title(titles[key])
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes[-2:], fraction=0.046, pad=0.02, label="normalised units")
+    fig.suptitle(s.name, fontsize=10)
+    return _save(fig, path)
+
+
+def format_table(evaluation: Evaluation) -> str:
+    """A short text table: PSNR/SSIM/consistency per scan and method, overall, then calibration."""
+    head = f"{'scan':<20} {'method':<14} {'PSNR':>7} {'PSNRbody':>8} {'SSIM':>6} {'SSIMbody':>8} {'consist':>8}"
+    lines = [head, "-" * len(head)]
+
+    def line(scan: str, method: str, r: dict[str, Any]) -> str:
+        def f(key: str, width: int, digits: int) -> str:
+            v = r.get(key, math.nan)
+            return f"{v:>{width}.{digits}f}" if v is not None and math.isfinite(v) else f"{'n/a':>{width}}"
+        return (f"{scan[:20]:<20} {method:<14} {f('psnr', 7, 2)} {f('psnr_body', 8, 2)} {f('ssim', 6, 3)} "
+                f"{f('ssim_body', 8, 3)} {f('consistency_mae', 8, 4)}")
+
+    for row in evaluation.rows:
+        lines.append(line(row["scan"], row["method"], row))
+    for method in METHODS:
+        lines.append(line("overall", method, evaluation.summary["overall"][method]))
+    cal, spread = evaluation.summary["calibration"], evaluation.summary["spread_calibration"]
+    rho = f"{cal['spearman_pooled']:.3f}" if math.isfinite(cal["spearman_pooled"]) else "n/a"
+    lines.append(f"coverage of the 5-95% interval: {cal['coverage_90_body']:.3f} in body, {cal['coverage_90']:.3f} "
+                 f"whole image (nominal 0.900); Spearman(std, |error|) per patch: {rho}")
+    lines.append(f"spread calibration factor for 90%: {spread['factor']:.3f} "
+                 f"({'in-sample' if spread['in_sample'] else 'calibration split'})")
+    lines.append("(PSNR dB and consistency in normalised units, data range 2)")
+    return "\n".join(lines)
