@@ -1,0 +1,172 @@
+"""The sampling loop on a real CT slice with tiny random-weight models: data consistency, per-sample generators,
+and no seams from the sliding window (with a naive patch-wise sampler as the positive control)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from enhance_fixtures import ct_small, tiny_config, tiny_model, write_tiny_checkpoint
+from monai.data.utils import dense_patch_slices
+
+from medsr.degrade import block_average, kspace_truncate, kspace_zero_fill, parse_spec, upsample
+from medsr.intensity import fit_normaliser
+from medsr.model import LoadedModel, load_model
+from medsr.sampling import sample
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return tiny_model(tmp_path_factory.mktemp("sampling") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def ct_low() -> torch.Tensor:
+    """A 48x48 block of the real CT slice, normalised with the CT window: ``(1, 1, 48, 48)``."""
+    scan = ct_small()
+    norm = fit_normaliser(scan.array, scan.modality)
+    return torch.from_numpy(norm.normalise(scan.array[0, 16:64, 16:64, 0]))[None, None]
+
+
+def gens(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def draw(model: LoadedModel, low: torch.Tensor, seeds: list[int], **kwargs) -> torch.Tensor:  # noqa: ANN003
+    spec = parse_spec(model.config.degrade)
+    low = low.repeat(len(seeds), 1, 1, 1)
+    cond = upsample(low, spec.factors)
+    kwargs.setdefault("steps", 3)
+    return sample(model.net, model.config.diffusion, cond, gens(*seeds), lowres=low, spec=spec, **kwargs)
+
+
+# --- data consistency ---------------------------------------------------------------------------------------
+
+def test_projection_makes_every_sample_consistent_with_the_input(model: LoadedModel, ct_low: torch.Tensor) -> None:
+    x = draw(model, ct_low, [0, 1, 2], roi_size=(32, 32))
+    assert x.shape == (3, 1, 96, 96)
+    assert float((block_average(x, (2, 2)) - ct_low).abs().max()) < 1e-5
+    assert float(x.std(0).mean()) > 1e-3  # the samples do differ (the check is not trivially met)
+    free = draw(model, ct_low, [0, 1, 2], roi_size=(32, 32), project=False)
+    assert float((block_average(free, (2, 2)) - ct_low).abs().max()) > 1e-2  # without it, they drift
+
+
+def test_projection_for_kspace_truncation(tmp_path: Path, ct_low: torch.Tensor) -> None:
+    """Consistent with the part of the input the operator can produce: an even crop drops the unpaired Nyquist
+    bin (to keep the image real), so a real slice's Nyquist content (here up to 0.025) cannot be matched."""
+    m = tiny_model(tmp_path / "k.pt", degrade="kspace:2x2")
+    x = draw(m, ct_low, [0, 1], steps=2)
+    reachable = kspace_truncate(kspace_zero_fill(ct_low, (2, 2)), (2, 2))
+    assert float((kspace_truncate(x, (2, 2)) - reachable).abs().max()) < 1e-5
+    assert float((reachable - ct_low).abs().max()) < 0.05
+
+
+def test_no_projection_for_noisy_operators(tmp_path: Path, ct_low: torch.Tensor) -> None:
+    m = tiny_model(tmp_path / "n.pt", degrade="lowdose:2x2,dose=0.25")
+    assert not parse_spec(m.config.degrade).has_projection
+    x = draw(m, ct_low, [0], steps=2)
+    assert torch.isfinite(x).all()
+    assert float((block_average(x, (2, 2)) - ct_low).abs().max()) > 1e-3  # noisy input is not reproduced
+
+
+# --- generators ----------------------------------------------------------------------------------------------
+
+def test_same_generators_same_samples_different_generators_different(model: LoadedModel,
+                                                                      ct_low: torch.Tensor) -> None:
+    a = draw(model, ct_low, [5, 6], roi_size=(32, 32))
+    b = draw(model, ct_low, [5, 6], roi_size=(32, 32))
+    c = draw(model, ct_low, [7, 8], roi_size=(32, 32))
+    assert torch.equal(a, b)
+    assert float((a - c).abs().mean()) > 1e-3
+    assert float((a[0] - a[1]).abs().mean()) > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_a_sample_does_not_depend_on_its_batch(tmp_path: Path, ct_low: torch.Tensor, sampler: str) -> None:
+    """Sample i drawn in a batch equals sample i drawn alone (DDPM draws fresh noise each step, so this also
+    checks that every element uses its own generator). Equal up to float rounding: CPU convolutions are not
+    bitwise identical across batch sizes."""
+    cfg = tiny_config("block:2x2", (16, 16), "diffusion.num_train_timesteps=12")
+    write_tiny_checkpoint(tmp_path / "t12.pt", cfg)
+    m = load_model(tmp_path / "t12.pt")
+    low = ct_low[..., :16, :16]
+    batched = draw(m, low, [10, 11, 12], sampler=sampler, roi_size=(16, 16))
+    alone = torch.cat([draw(m, low, [s], sampler=sampler, roi_size=(16, 16)) for s in (10, 11, 12)])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+    assert float((batched[0] - batched[1]).abs().mean()) > 1e-3
+
+
+def test_one_generator_per_batch_element(model: LoadedModel, ct_low: torch.Tensor) -> None:
+    spec = parse_spec(model.config.degrade)
+    cond = upsample(ct_low.repeat(2, 1, 1, 1), spec.factors)
+    with pytest.raises(ValueError, match="one generator per batch element"):
+        sample(model.net, model.config.diffusion, cond, gens(0), steps=2)
+
+
+# --- seams ---------------------------------------------------------------------------------------------------
+
+def border_ratio(x: torch.Tensor, lines: list[int]) -> float:
+    """Mean |spatial gradient| across the given grid lines over the mean across other lines of the same kind.
+
+    ``x`` is ``(N, 1, H, H)``; a line ``l`` lies between pixels ``l - 1`` and ``l`` (rows and columns alike).
+    Only even lines (between 2x2 blocks of the input) are compared, since odd lines lie inside blocks.
+    """
+    img = x.mean(0)[0].double()
+    grad = ((img[1:] - img[:-1]).abs().mean(1) + (img[:, 1:] - img[:, :-1]).abs().mean(0)).numpy() / 2
+    line = np.arange(1, img.shape[0])  # grad[k] is across line k + 1
+    border = np.isin(line, lines)
+    other = ~border & (line % 2 == 0)
+    assert border.any() and other.sum() > 10
+    return float(grad[border].mean() / grad[other].mean())
+
+
+def window_edges(size: int, window: int, overlap: float) -> list[int]:
+    """Where MONAI's sliding windows start and end inside the image (the lines a seam would follow)."""
+    interval = int(window * (1 - overlap))
+    starts = sorted({int(s[0].start) for s in dense_patch_slices((size, size), (window, window), (interval,) * 2)})
+    return sorted({e for s in starts for e in (s, s + window) if 0 < e < size})
+
+
+@pytest.fixture(scope="module")
+def seam_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A random net whose output matters (larger output weights): samples get spatially correlated structure."""
+    return tiny_model(tmp_path_factory.mktemp("seam") / "seam.pt", out_std=1.0)
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_sliding_window_sampling_has_no_seams_and_patchwise_sampling_does(
+        seam_model: LoadedModel, ct_low: torch.Tensor, project: bool) -> None:
+    seeds, window, size = [0, 1, 2, 3], 32, 96
+    whole = draw(seam_model, ct_low, seeds, roi_size=None, project=project)
+    windowed = draw(seam_model, ct_low, seeds, roi_size=(window, window), overlap=0.25, project=project)
+    edges = window_edges(size, window, 0.25)
+    assert border_ratio(windowed, edges) < 1.25
+
+    # error against the whole-image sample (same noise) is no larger at the window edges than elsewhere
+    err = (windowed - whole).abs().mean((0, 1)).double()
+    near = torch.zeros(size, dtype=torch.bool)
+    for e in edges:
+        near[e - 1:e + 1] = True
+    at_edges = (err[near].mean() + err[:, near].mean()) / 2
+    inside = err[~near][:, ~near].mean()
+    assert float(at_edges) < 1.3 * float(inside)
+
+    # the naive alternative: sample each non-overlapping window on its own and stitch them
+    naive = torch.empty_like(whole)
+    for k, (i, j) in enumerate((i, j) for i in range(0, size, window) for j in range(0, size, window)):
+        tile = ct_low[..., i // 2:(i + window) // 2, j // 2:(j + window) // 2]
+        naive[..., i:i + window, j:j + window] = draw(seam_model, tile, [100 * k + s for s in seeds], project=project)
+    tiles = list(range(window, size, window))
+    assert border_ratio(naive, tiles) > 1.5  # the measure does see seams where there are some
+    assert border_ratio(windowed, tiles) < 1.25
