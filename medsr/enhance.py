@@ -65,12 +65,17 @@ class EnhanceResult:
 
 
 def choose_slice_axis(scan: Scan) -> int:
-    """The axis a 2D model slices across: a singleton axis, else the one of largest spacing (thick slices)."""
+    """The axis a 2D model slices across: a singleton axis, else the one of largest spacing (thick slices).
+
+    Spacings equal to within 0.1% count as equal (they often differ by float noise), and ties go to the last
+    axis, Z: an isotropic volume is sliced axially, as 2D models are trained, not along X by accident.
+    """
     shape = scan.spatial_shape
     singleton = [a for a in range(3) if shape[a] == 1]
     if singleton:
         return singleton[-1]
-    return int(np.argmax(scan.spacing))
+    spacing = np.asarray(scan.spacing)
+    return int(np.flatnonzero(spacing >= spacing.max() * (1 - 1e-3))[-1])
 
 
 def volume_factors(spec: DegradeSpec, slice_axis: int | None) -> tuple[int, int, int]:
@@ -140,7 +145,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: EnhanceOptions | None 
             gens = [torch.Generator(device=device).manual_seed(_seed(opt.seed, i, j))
                     for i in range(s0, s1) for j in range(start, stop)]
 
-            def step_done(i: int, n: int, reps: int = reps) -> None:
+            def step_done(i: int, n: int, reps: int = reps, start: int = start, stop: int = stop) -> None:
                 nonlocal done
                 done += reps * (stop - start)
                 if progress is not None:
