@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 
@@ -175,7 +175,7 @@ class ScanEvaluation:
     name: str
     source: str
     rows: list[dict[str, Any]]
-    curve: dict[str, list[float]]  # nominal, empirical (body), inside/total counts per level
+    curve: dict[str, list[Any]]  # nominal, empirical (body), inside/total counts per level
     patch_std: np.ndarray
     patch_err: np.ndarray
     planes: dict[str, np.ndarray]  # 2D planes for the side-by-side figure (normalised units)
@@ -197,7 +197,8 @@ class Evaluation:
 
 def _psnr(pred: np.ndarray, truth: np.ndarray) -> float:
     metric = PSNRMetric(max_val=DATA_RANGE)
-    return float(metric(torch.as_tensor(pred)[None, None], torch.as_tensor(truth)[None, None]).mean())
+    value = metric(torch.as_tensor(pred)[None, None], torch.as_tensor(truth)[None, None])
+    return float(cast(torch.Tensor, value).mean())
 
 
 def _ssim(pred: torch.Tensor, truth: torch.Tensor, body: torch.Tensor) -> tuple[float, float]:
@@ -208,7 +209,7 @@ def _ssim(pred: torch.Tensor, truth: torch.Tensor, body: torch.Tensor) -> tuple[
     if win < 3:
         return math.nan, math.nan
     metric = SSIMMetric(spatial_dims=dims, data_range=DATA_RANGE, win_size=win)
-    whole = float(metric(pred, truth).mean())
+    whole = float(cast(torch.Tensor, metric(pred, truth)).mean())
     ssim_map, _ = compute_ssim_and_cs(pred, truth, dims, [win] * dims, [1.5] * dims, data_range=DATA_RANGE)
     h = win // 2
     inner = body[(slice(None), slice(None), *[slice(h, s - h) for s in body.shape[2:]])]
@@ -264,7 +265,8 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
     for i, _ in enumerate(LEVELS):
         lo, hi = mean + k * (qs[2 * i] - mean), mean + k * (qs[2 * i + 1] - mean)
         counts.append(int(((truth >= lo) & (truth <= hi))[mask].sum()))
-    curve = {"nominal": list(LEVELS), "empirical": [c / int(mask.sum()) for c in counts], "inside": counts,
+    curve: dict[str, list[Any]] = {"nominal": list(LEVELS), "empirical": [c / int(mask.sum()) for c in counts],
+             "inside": counts,
              "total": [int(mask.sum())] * len(LEVELS)}
     patch = [1 if a == axis else PATCH for a in range(3)] if axis is not None else [PATCH] * 3
     patch = [min(p, s) for p, s in zip(patch, truth.shape)]
