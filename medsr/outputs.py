@@ -75,8 +75,9 @@ def write_outputs(scan: Scan, result: EnhanceResult, model: LoadedModel, options
             written.append(f"{key}.nii.gz")
     if formats in ("dicom", "both"):
         scale = "x".join(str(f) for f in result.factors)
-        _write_series(result.mean, scan, folder / "dicom_mean", f"medsr SR3 {scale} enhanced (mean of {options.samples})")
-        _write_series(result.std, scan, folder / "dicom_std", f"medsr SR3 {scale} uncertainty (std of {options.samples})")
+        n = options.samples
+        _write_series(result.mean, scan, folder / "dicom_mean", f"medsr SR3 {scale} enhanced (mean of {n})")
+        _write_series(result.std, scan, folder / "dicom_std", f"medsr SR3 {scale} uncertainty (std of {n})")
         written += ["dicom_mean/", "dicom_std/"]
     if save_samples and result.samples is not None:
         samples = Scan(array=np.moveaxis(result.samples, 0, 0).astype(np.float32), affine=result.mean.affine,
@@ -87,7 +88,7 @@ def write_outputs(scan: Scan, result: EnhanceResult, model: LoadedModel, options
     review_figure(scan.array[0], result.mean.array[0], result.std.array[0], result.factors, folder / "review.png",
                   title=f"medsr x{'x'.join(map(str, result.factors))}, {options.samples} samples, "
                         f"uncertainty score {result.score.mean_std:.4f}",
-                  units=units, slice_axis=result.info.get("slice_axis") or 2)
+                  units=units, slice_axis=2 if result.info.get("slice_axis") is None else result.info["slice_axis"])
     written.append("review.png")
     report = build_report(scan, result, model, options)
     report["files"] = written + ["report.json"]

@@ -143,11 +143,11 @@ def test_same_seed_same_result_different_seed_different(model: LoadedModel, smal
 
 
 def test_result_does_not_depend_on_batching(model: LoadedModel, small: Scan) -> None:
-    """batch_size 16 (several slices and all samples per call), 7, 2 and 1 (one image per call) agree: every
+    """batch_size 16 (several slices and all samples per call), 7 and 1 (one image per call) agree: every
     (sample, slice) pair has its own generator. Up to float rounding: CPU convolutions are not bitwise
     identical across batch sizes."""
     runs = [enhance_scan(small, model, EnhanceOptions(samples=3, steps=2, seed=0, batch_size=b, keep_samples=True))
-            for b in (16, 7, 2, 1)]
+            for b in (16, 7, 1)]
     tol = 1e-5 * float(np.ptp(small.array))
     for other in runs[1:]:
         for key in ("mean", "std", "q05", "q95"):
