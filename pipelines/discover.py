@@ -1,0 +1,244 @@
+"""Find the work in an archive: every NIfTI file and every DICOM series under a folder, from headers only.
+
+DICOM files are grouped by SeriesInstanceUID wherever they sit: a series split across folders is one item, two
+series in one folder are two items. Headers are read with ``stop_before_pixels``, so discovery is quick even on
+large archives. Files that are not DICOM (text, images, ...) are ignored; files that look like DICOM but cannot be
+parsed become skipped items, as do non-image objects (SR, RTSTRUCT: no pixel data), localisers and 4D NIfTI.
+
+Output folders mirror the input tree: ``a/b/scan.nii.gz`` -> ``a/b/scan``; a single-file DICOM ``a/b/img.dcm`` ->
+``a/b/img``; a multi-file series -> the folder holding it (``a/b/series_dir``), or, when that folder holds other
+items too, ``<folder>/series<SeriesNumber>_<hash of the UID>``. Every component is sanitised; no DICOM text other
+than the integer SeriesNumber ever reaches a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import nibabel as nib
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, MediaStorageDirectoryStorage
+
+from medsr.io import sanitize_component
+
+__all__ = ["Item", "discover", "item_key"]
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def item_key(item_id: str) -> str:
+    """A stable 16-hex-digit digest of an item id: staging folder name, name suffix and shard selector.
+
+    Python's ``hash()`` is salted per process, so it would shard differently on every rank; sha1 does not.
+    """
+    return hashlib.sha1(item_id.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Item:
+    """One unit of work: a NIfTI file, a DICOM series, or a damaged file recorded as skipped.
+
+    Attributes:
+        id: ``nifti:<relative path>``, ``dicom:<SeriesInstanceUID>`` (``dicom:file:<path>`` without a UID) or
+            ``file:<relative path>``.
+        kind: "nifti", "dicom" or "file".
+        sources: POSIX paths relative to the archive root, sorted.
+        series_uid: SeriesInstanceUID for DICOM items, "" otherwise.
+        out_parts: proposed output folder relative to the output root, sanitised components; empty when the item
+            produces no output (skipped at discovery).
+        state: "pending", or "skipped" when the headers already show it cannot be enhanced.
+        category, reason: why it is skipped (a short category and a one-line explanation).
+    """
+
+    id: str
+    kind: str
+    sources: list[str]
+    series_uid: str = ""
+    out_parts: tuple[str, ...] = ()
+    state: str = "pending"
+    category: str = ""
+    reason: str = ""
+    series_number: int | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return item_key(self.id)
+
+
+@dataclass
+class _Header:
+    """What discovery keeps of one DICOM file (never patient data)."""
+
+    rel: str
+    uid: str = ""
+    number: int | None = None
+    image: bool = False
+    localizer: bool = False
+    sop: str = "unknown SOP class"
+    modality: str = ""
+    damaged: bool = False
+
+
+def walk(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Files under ``root`` in sorted order; hidden files/folders and the ``exclude`` folders are left out."""
+    excluded = {p.resolve() for p in exclude}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (here / n).resolve() not in excluded)
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield here / name
+
+
+def _has_dicm_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_header(path: Path, rel: str) -> _Header | None:
+    """Classify one file from its header; None for anything that is not DICOM (or is a DICOMDIR index)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:  # no preamble: accept it only if it parses and names a SOP class
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:
+            return None
+        if "SOPClassUID" not in ds:
+            return None
+    except Exception:  # pydicom raises many types on damaged files
+        return _Header(rel, damaged=True) if _has_dicm_magic(path) else None
+    meta = getattr(ds, "file_meta", None)
+    sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
+    if sop == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+        return None
+    image_type = ds.get("ImageType", [])
+    image_type = [image_type] if isinstance(image_type, str) else list(image_type or [])
+    head = _Header(rel, uid=str(ds.get("SeriesInstanceUID", "") or ""), number=_int_or_none(ds.get("SeriesNumber")),
+                   image="Rows" in ds, localizer="LOCALIZER" in [str(v).upper() for v in image_type],
+                   sop=UID(sop).name if sop else "unknown SOP class", modality=str(ds.get("Modality", "") or ""))
+    # pydicom stops quietly where a file is cut: an image object without Rows is damaged, not a non-image object
+    head.damaged = not head.image and ("SOPClassUID" not in ds or "Image" in head.sop)
+    return head
+
+
+def _nifti_stem(name: str) -> str:
+    for suffix in _NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _nifti_item(path: Path, rel: str) -> Item:
+    parts = PurePosixPath(rel).parts
+    item = Item(f"nifti:{rel}", "nifti", [rel], out_parts=_clean((*parts[:-1], _nifti_stem(parts[-1]))))
+    try:
+        shape = tuple(nib.load(str(path)).shape)  # type: ignore[attr-defined]
+    except Exception:  # load_scan reports unreadable files with the full story
+        return item
+    if any(s > 1 for s in shape[3:]):
+        item.state, item.category = "skipped", "4D image"
+        item.reason = f"4D image, shape {shape}; medsr enhances 2D/3D images (split the volumes first)"
+        item.out_parts = ()
+    return item
+
+
+def _clean(parts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    return tuple(sanitize_component(p) for p in parts)
+
+
+def _dicom_items(headers: list[_Header]) -> list[Item]:
+    groups: dict[str, list[_Header]] = defaultdict(list)
+    items = []
+    for h in headers:
+        if h.damaged:
+            reason = f"{h.sop}: DICOM header cut short or unreadable; the file is truncated or damaged"
+            items.append(Item(f"file:{h.rel}", "file", [h.rel], state="skipped",
+                              category="truncated or damaged DICOM", reason=reason))
+        else:
+            groups[h.uid or f"file:{h.rel}"].append(h)
+    for key, members in groups.items():
+        uid = members[0].uid
+        item = Item(f"dicom:{key}", "dicom", sorted(h.rel for h in members), series_uid=uid,
+                    series_number=members[0].number)
+        images = [h for h in members if h.image]
+        usable = [h for h in images if not h.localizer]
+        if not images:
+            sops = ", ".join(sorted({h.sop for h in members}))
+            modality = members[0].modality or "unknown"
+            item.state, item.category = "skipped", "non-image DICOM"
+            item.reason = f"no image pixel data ({sops}, modality {modality}); medsr reads image objects only"
+        elif not usable:
+            item.state, item.category = "skipped", "localizer"
+            item.reason = "localizer (scout) images: ImageType contains LOCALIZER"
+        else:
+            item.sources = sorted(h.rel for h in usable)
+        items.append(item)
+    return items
+
+
+def _place_series(items: list[Item]) -> None:
+    """Give each pending DICOM item its output folder (NIfTI items already have theirs)."""
+    owners: dict[tuple[str, ...], set[str]] = defaultdict(set)  # folder -> pending items with a source below it
+    for item in items:
+        if item.state != "pending":
+            continue
+        for rel in item.sources:
+            parents = PurePosixPath(rel).parts[:-1]
+            for i in range(len(parents) + 1):
+                owners[parents[:i]].add(item.id)
+    for item in items:
+        if item.kind != "dicom" or item.state != "pending":
+            continue
+        if len(item.sources) == 1:
+            parts = PurePosixPath(item.sources[0]).parts
+            stem = parts[-1][:-4] if parts[-1].lower().endswith(".dcm") else parts[-1]
+            item.out_parts = _clean((*parts[:-1], stem))
+            continue
+        folder = PurePosixPath(os.path.commonpath(item.sources)).parts  # sources are distinct files
+        if folder and owners[folder] == {item.id}:  # the folder (and all below it) holds this series only
+            item.out_parts = _clean(folder)
+        else:
+            number = "" if item.series_number is None else str(item.series_number)
+            item.out_parts = _clean((*folder, f"series{number}_{item.key[:8]}"))
+
+
+def discover(root: str | os.PathLike[str], exclude: tuple[Path, ...] = ()) -> list[Item]:
+    """Every NIfTI file and DICOM series under ``root`` as :class:`Item` s, sorted by id.
+
+    Args:
+        root: the archive folder; opened read-only.
+        exclude: folders to leave out (the output folder, when it sits inside the archive).
+    """
+    root = Path(root)
+    items: list[Item] = []
+    headers: list[_Header] = []
+    for path in walk(root, exclude):
+        rel = path.relative_to(root).as_posix()
+        if path.name.lower().endswith(_NIFTI_SUFFIXES):
+            items.append(_nifti_item(path, rel))
+            continue
+        head = read_header(path, rel)
+        if head is not None:
+            headers.append(head)
+    items += _dicom_items(headers)
+    _place_series(items)
+    return sorted(items, key=lambda it: it.id)
