@@ -163,6 +163,36 @@ def evaluate(
     typer.echo(f"written: {out}/metrics.csv, summary.json, calibration.png, error_vs_uncertainty.png, compare_*.png")
 
 
+@app.command()
+def archive(
+    src: Path = typer.Argument(..., help="archive folder: every NIfTI file and DICOM series under it is enhanced"),
+    out: Path = typer.Option(..., "--out", help="output folder: mirrors SRC; holds manifest.sqlite and logs"),
+    model: Path | None = typer.Option(None, help="medsr checkpoint (default: the model shipped with medsr)"),
+    samples: int | None = typer.Option(None, help="diffusion samples per item (default 8)"),
+    steps: int | None = typer.Option(None, help="DDIM steps per sample (default 20)"),
+    workers: int | None = typer.Option(None, help="worker processes on this machine/rank (default 1)"),
+    threads: int | None = typer.Option(None, help="torch threads per worker (default: cores // workers)"),
+    seed: int | None = typer.Option(None, help="random seed (default 0)"),
+    device: str | None = typer.Option(None, help="auto (GPU LOCAL_RANK under torchrun), cpu, cuda or cuda:N"),
+    fmt: str | None = typer.Option(None, "--format", help="auto (both for DICOM input), nifti, dicom or both"),
+    retry_failed: bool | None = typer.Option(None, "--retry-failed", help="queue failed items again"),
+    config: Path | None = typer.Option(None, help="YAML of ArchiveOptions fields (pipelines/archive.py); flags win"),
+) -> None:
+    """Enhance a whole archive, resumably: medsr archive SRC --out DST. Shards across torchrun ranks."""
+    from pipelines.archive import format_summary, load_archive_options, run_archive
+
+    try:
+        opts = load_archive_options(config, model=None if model is None else str(model), samples=samples,
+                                    steps=steps, workers=workers, threads=threads, seed=seed, device=device,
+                                    format=fmt, retry_failed=retry_failed)
+        opts.model = opts.model or str(default_model_path())
+        summary = run_archive(src, out, opts)
+    except MedsrError as exc:
+        _fail(exc)
+        return
+    typer.echo(format_summary(summary))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="medsr")
 

@@ -1,0 +1,212 @@
+"""Enhance one archive item, in whichever process runs it; the outcome goes back as a plain dict.
+
+An item is written into its own staging folder (``OUT/.medsr-archive/staging/<key>/``) by ``write_outputs`` and
+renamed into place only once complete, so a folder in the mirrored tree is always a finished output, whatever
+moment the run is killed at. Worker processes load the model once (:func:`init_worker`) and never open the
+manifest; the main process of the rank records what comes back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import torch
+from pydicom.multival import MultiValue
+
+from medsr.degrade import parse_spec
+from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan
+from medsr.errors import MedsrError
+from medsr.io import Scan, load_scan
+from medsr.model import LoadedModel, load_model
+from medsr.outputs import write_outputs
+from medsr.train import resolve_device
+
+__all__ = ["WorkerSettings", "init_worker", "process", "categorise", "INPUT_CATEGORIES"]
+
+# (pattern in a MedsrError message, category); first match wins. Messages name the file and the problem only.
+_CATEGORIES = [
+    (r"no image pixel data", "non-image DICOM"),
+    (r"truncated|less than expected", "truncated or damaged DICOM"),
+    (r"cannot decode pixel data", "undecodable pixel data"),
+    (r"4D image", "4D image"),
+    (r"NaN or Inf", "NaN/Inf voxels"),
+    (r"empty image", "empty image"),
+    (r"too small", "too small"),
+    (r"DICOMDIR", "DICOMDIR"),
+    (r"not a readable NIfTI|not a DICOM file|no DICOM image files|no such file", "unreadable file"),
+    (r"share a position|missing after slice|uneven slice spacing|mixed slice orientations|not stacked|"
+     r"mixed PixelSpacing|differ in|lack ImagePositionPatient|cannot place the slice|zero-length direction",
+     "irregular geometry"),
+    (r"multi-frame files|expected a 2D or 3D", "unsupported layout"),
+]
+INPUT_CATEGORIES = {c for _, c in _CATEGORIES} | {"localizer"}
+_PATIENT_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
+                     "PatientAddress", "PatientTelephoneNumbers", "IssuerOfPatientID", "AccessionNumber",
+                     "ReferringPhysicianName", "PatientMotherBirthName", "MedicalRecordLocator")
+
+
+def categorise(message: str) -> str:
+    """A short category for a MedsrError message (the failures-by-reason table groups on it)."""
+    for pattern, category in _CATEGORIES:
+        if re.search(pattern, message):
+            return category
+    return "unusable input"
+
+
+@dataclass
+class WorkerSettings:
+    """What every worker needs besides the item: the model and how to sample and write."""
+
+    model_path: str
+    options: EnhanceOptions
+    formats: str = "auto"  # auto: both for DICOM input, nifti for NIfTI
+    min_size: int = 8
+    threads: int = 0  # torch CPU threads in this process; 0 = leave as is
+
+
+_STATE: dict[str, Any] = {}
+
+
+def init_worker(settings: WorkerSettings, model: LoadedModel | None = None) -> None:
+    """Load the model once per process (or take one already loaded, when the main process does the work)."""
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    if model is None:  # a pool worker: end with the main process, even when that one is killed with -9
+        _die_with_parent()
+        model = load_model(settings.model_path, device=resolve_device(settings.options.device))
+    _STATE.update(settings=settings, model=model)
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
+def _load(task: dict[str, Any], staging: Path) -> Scan:
+    """The item as a Scan. A multi-file series is read through a folder of links to exactly its files."""
+    root = Path(task["root"])
+    sources = [root / rel for rel in task["sources"]]
+    if task["kind"] != "dicom" or len(sources) == 1:
+        return load_scan(sources[0])
+    links = staging / "input"
+    links.mkdir(parents=True)
+    try:
+        for i, src in enumerate(sources):
+            os.symlink(src, links / f"{i:06d}.dcm")
+    except OSError:  # no symlinks here: read the common folder, picking the series by UID
+        return load_scan(os.path.commonpath(sources), series_uid=task["series_uid"])
+    return load_scan(links, series_uid=task["series_uid"] or None)
+
+
+def _too_small(scan: Scan, model: LoadedModel, min_size: int) -> str:
+    shape = scan.spatial_shape
+    if parse_spec(model.config.degrade).spatial_dims == 2:
+        axis = choose_slice_axis(scan)
+        dims = tuple(shape[a] for a in range(3) if a != axis)
+    else:
+        dims = shape
+    if min(dims) < min_size:
+        return f"image too small to enhance: {dims} voxels per plane, fewer than min_size {min_size}"
+    return ""
+
+
+def _patient_values(task: dict[str, Any]) -> list[str]:
+    """Patient identifiers of a DICOM item, so they can be blanked from error messages."""
+    if task["kind"] != "dicom":
+        return []
+    try:
+        ds = pydicom.dcmread(Path(task["root"]) / task["sources"][0], stop_before_pixels=True, force=True)
+    except Exception:
+        return []
+    values = []
+    for kw in _PATIENT_KEYWORDS:
+        v = ds.get(kw)
+        for x in (v if isinstance(v, (list, MultiValue)) else [v]):
+            text = str(x or "").strip()
+            if len(text) >= 3:
+                values += [text, text.replace("^", " ")]
+    return values
+
+
+def _clean(message: str, task: dict[str, Any], staging: Path) -> str:
+    """One line, with paths made relative to the archive and any patient identifier blanked."""
+    first = (message.strip().splitlines() or [""])[0]
+    links = staging / "input"
+    for i, rel in enumerate(task["sources"]):  # a series is read through links: name the real files
+        first = first.replace(str(links / f"{i:06d}.dcm"), rel)
+    first = first.replace(str(links), task["label"]).replace(str(staging), "<staging>")
+    first = first.replace(str(Path(task["root"])) + os.sep, "")
+    for value in _patient_values(task):
+        first = first.replace(value, "<redacted>")
+    return first[:500]
+
+
+def _publish(folder: Path, final: Path, staging: Path) -> None:
+    """Rename the finished folder into place; a stale folder without report.json there is moved aside first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        os.replace(final, staging / "stale")
+    os.rename(folder, final)
+
+
+def process(task: dict[str, Any]) -> dict[str, Any]:
+    """Enhance one item end to end; never raises (one bad item never stops the run).
+
+    Args:
+        task: id, kind, root (archive folder), sources (relative), series_uid, label (for messages),
+            out_dir (absolute final folder), staging (absolute, private to this item).
+
+    Returns:
+        ``{"state": done|skipped|failed, "category", "reason", "seconds", "score", "pid"}``.
+    """
+    settings: WorkerSettings = _STATE["settings"]
+    model: LoadedModel = _STATE["model"]
+    t0 = time.perf_counter()
+    staging = Path(task["staging"])
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    def outcome(state: str, category: str = "", reason: str = "", score: float | None = None) -> dict[str, Any]:
+        return {"state": state, "category": category, "reason": reason, "score": score,
+                "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid()}
+
+    try:
+        try:  # any problem reading the input means it cannot be enhanced: skipped, with the reason
+            scan = _load(task, staging)
+            small = _too_small(scan, model, settings.min_size)
+            if small:
+                raise MedsrError(small)
+        except MedsrError as exc:
+            return outcome("skipped", categorise(str(exc)), _clean(str(exc), task, staging))
+        try:
+            result = enhance_scan(scan, model, settings.options)
+        except MedsrError as exc:  # "too small" is about the input; anything else is a failure
+            category = categorise(str(exc))
+            state = "skipped" if category in INPUT_CATEGORIES else "failed"
+            return outcome(state, category if state == "skipped" else "enhance error", _clean(str(exc), task, staging))
+        formats = settings.formats
+        if not scan.dicom_headers:
+            formats = "nifti"  # a derived DICOM series needs DICOM reference headers
+        elif formats == "auto":
+            formats = "both"
+        final = Path(task["out_dir"])
+        folder = write_outputs(scan, result, model, settings.options, staging / "out", name=final.name,
+                               formats=formats)
+        _publish(folder, final, staging)
+        return outcome("done", score=float(result.score.mean_std))
+    except Exception as exc:  # anything else is a failure of this item only
+        return outcome("failed", f"error: {type(exc).__name__}", _clean(f"{type(exc).__name__}: {exc}", task, staging))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
