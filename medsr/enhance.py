@@ -116,7 +116,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: EnhanceOptions | None 
     factors = volume_factors(spec, axis)
     norm = fit_normaliser(scan.array, scan.modality, cfg.intensity)
     low = torch.from_numpy(norm.normalise(scan.array[0]))
-    if two_d:
+    if axis is not None:  # 2D model
         low = low.movedim(axis, 0)[:, None]  # (S, 1, A, B): slices as a batch
     else:
         low = low[None, None]
@@ -172,7 +172,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: EnhanceOptions | None 
     score = uncertainty_score(outs["std"].numpy(), body)
 
     def to_volume(t: torch.Tensor) -> np.ndarray:
-        v = t.movedim(0, axis) if two_d else t[0]
+        v = t.movedim(0, axis) if axis is not None else t[0]
         return v.numpy()
 
     affine = refined_affine(scan.affine, factors)
