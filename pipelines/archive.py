@@ -342,6 +342,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if run:
         lines.append(f"this run: {run['processed']} items processed in {run['seconds']:.1f} s "
                      f"({run['done']} done, {run['skipped']} skipped, {run['failed']} failed)")
+        if run.get("world", 1) > 1 and c["pending"] + c["running"]:
+            lines.append(f"rank {run['rank']} of {run['world']} has finished its share; other ranks are still working")
     reasons = [(s, cat, n) for s in ("failed", "skipped") for cat, n in summary["reasons"][s].items()]
     if reasons:
         lines += ["", f"{'state':<8}  {'reason':<28}  {'items':>5}"]

@@ -312,8 +312,9 @@ def test_kill_9_mid_run_then_restart_finishes_once(archive: Path, tiny_model: Pa
     after = rows(dst)
     for key, r in done_before.items():  # never redone
         assert after[key]["finished"] == r["finished"] and after[key]["attempts"] == 1
+    assert "interrupted while running; queued again" in (dst / "archive.log").read_text()
     for value in IDENTIFIERS:
-        assert value not in result.output
+        assert value not in result.output and value not in (dst / "archive.log").read_text()
     assert tree_hash(archive) == source_hash
 
 
