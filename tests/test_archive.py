@@ -302,7 +302,8 @@ def test_kill_9_mid_run_then_restart_finishes_once(archive: Path, tiny_model: Pa
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done_before = {k: r for k, r in rows(dst).items() if r["state"] == "done"}
+    at_kill = rows(dst)
+    done_before = {k: r for k, r in at_kill.items() if r["state"] == "done"}
     assert 1 <= len(done_before) < 7
     result = CliRunner().invoke(app, ["archive", str(archive), "--out", str(dst), "--model", str(tiny_model),
                                       "--samples", "2", "--steps", "2", "--device", "cpu", "--threads", "1"])
@@ -312,7 +313,8 @@ def test_kill_9_mid_run_then_restart_finishes_once(archive: Path, tiny_model: Pa
     after = rows(dst)
     for key, r in done_before.items():  # never redone
         assert after[key]["finished"] == r["finished"] and after[key]["attempts"] == 1
-    assert "interrupted while running; queued again" in (dst / "archive.log").read_text()
+    if any(r["state"] == "running" for r in at_kill.values()):  # almost always: killed mid-item
+        assert "interrupted while running; queued again" in (dst / "archive.log").read_text()
     for value in IDENTIFIERS:
         assert value not in result.output and value not in (dst / "archive.log").read_text()
     assert tree_hash(archive) == source_hash
