@@ -265,9 +265,9 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
     for i, _ in enumerate(LEVELS):
         lo, hi = mean + k * (qs[2 * i] - mean), mean + k * (qs[2 * i + 1] - mean)
         counts.append(int(((truth >= lo) & (truth <= hi))[mask].sum()))
-    curve: dict[str, list[Any]] = {"nominal": list(LEVELS), "empirical": [c / int(mask.sum()) for c in counts],
-             "inside": counts,
-             "total": [int(mask.sum())] * len(LEVELS)}
+    n_mask = int(mask.sum())
+    curve: dict[str, list[Any]] = {"nominal": list(LEVELS), "empirical": [c / n_mask for c in counts],
+                                   "inside": counts, "total": [n_mask] * len(LEVELS)}
     patch = [1 if a == axis else PATCH for a in range(3)] if axis is not None else [PATCH] * 3
     patch = [min(p, s) for p, s in zip(patch, truth.shape)]
     p_std, p_err = _patch_means(std, patch), _patch_means(np.abs(mean - truth), patch)

@@ -1,0 +1,59 @@
+"""benchmarks/bench_sampling.py and run_all.py run end to end at --tiny size and print what they promise.
+
+No timing asserts: only that every section prints its line with numbers in it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NUM = r"-?[\d.]+(?:e[+-]?\d+)?"
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--tiny", "--threads", "1",
+                           "--device", "cpu", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+SAMPLING_LINES = [
+    r"^machine: cpu=.+, cores=\d+, torch=\S+, threads=1, device=cpu, cuda=none, cpu_bf16=(yes|no), load=",
+    r"^setup: model=random weights, tiny architecture; degrade block:4x4, .*window \[32, 32\]",
+    rf"^\(a\) scan: pydicom:CT_small.dcm crop 32x32x1 \(1024 voxels\), block:4x4; bicubic PSNR {NUM} dB",
+    rf"^sampler ddim \(4 steps, 3 samples\): {NUM} voxels/s \({NUM} voxel-samples/s\), {NUM} s, PSNR of mean {NUM} dB",
+    rf"^sampler ddpm \(100 steps, 2 samples\): {NUM} voxels/s .*PSNR of mean {NUM} dB",
+    rf"^sampler speed-up per sample: ddim 4 steps is {NUM}x ddpm 100 steps",
+    rf"^overhead: sampling step {NUM} ms vs bare network {NUM} ms on the same 18 windows \(\d+ network calls\): "
+    rf"ratio {NUM}, target <= 1.10: (met|not met)$",
+    rf"^samples: 3 batched {NUM} s vs one after another {NUM} s: {NUM}x, max \|difference\| of means {NUM}",
+    rf"^memory: 32 slices \(output 32x32x32\): peak RSS growth {NUM} MiB, output arrays 0.5 MiB",
+    rf"^memory: 64 slices \(output 32x32x64\): peak RSS growth {NUM} MiB, output arrays 1.0 MiB",
+    rf"^memory: from 32 to 64 slices growth rose {NUM} MiB for 0.5 MiB more output arrays",
+    rf"^amp fp32: {NUM} s, PSNR of mean {NUM} dB",
+    rf"^amp bf16: {NUM} s \({NUM}x fp32 speed\), PSNR of mean {NUM} dB, difference [+-]{NUM} dB",
+]
+
+
+def test_bench_sampling_tiny_prints_every_section() -> None:
+    out = _run("bench_sampling.py")
+    for pattern in SAMPLING_LINES:
+        assert re.search(pattern, out, re.M), (pattern, out)
+
+
+def test_run_all_tiny_runs_each_benchmark() -> None:
+    out = _run("run_all.py")
+    assert re.search(r"^medsr benchmarks, commit \S+, .+, tiny sizes$", out, re.M), out
+    assert "## sampling (bench_sampling.py)" in out and "## training (bench_train.py)" in out
+    assert re.search(r"^\(bench_sampling.py: \d+ s, exit 0\)$", out, re.M), out
+    if (REPO / "benchmarks" / "bench_train.py").is_file():
+        assert re.search(r"^\(bench_train.py: \d+ s, exit 0\)$", out, re.M), out
+        assert re.search(rf"^2D fp32: {NUM} patches/s", out, re.M), out
+    assert re.search(r"^overhead: sampling step", out, re.M), out
+    assert "failed:" not in out
