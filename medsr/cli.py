@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def train(
     except MedsrError as exc:
         _fail(exc)
         return
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 writes and reports
     if result.val:
         last = result.val[-1]
         typer.echo(f"step {result.step}: val PSNR {last['sr_psnr']:.2f} dB (interpolation {last['interp_psnr']:.2f})")

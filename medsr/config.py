@@ -151,8 +151,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin in (typing.Union, types.UnionType):
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "1e-3" as a string: accept any number spelled as text
+            return float(value)
+        except (TypeError, ValueError):
+            raise MedsrError(f"config {where}: expected a number, got {value!r}") from None
     if tp in (int, bool, str) and not isinstance(value, tp):
         raise MedsrError(f"config {where}: expected {tp.__name__}, got {value!r}")
     return value

@@ -113,6 +113,10 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         cfg = config_from_dict(ckpt["config"])
     except MedsrError as exc:
         raise MedsrError(f"{path}: stored config is invalid ({exc})") from None
+    from medsr.degrade import parse_spec
+
+    if parse_spec(cfg.degrade).spatial_dims != cfg.model.spatial_dims:
+        raise MedsrError(f"{path}: degradation {cfg.degrade} does not fit a {cfg.model.spatial_dims}D model")
     net = build_unet(cfg.model)
     load_state_strict(net, ckpt["ema"], str(path))
     net.to(device).eval()
