@@ -5,9 +5,9 @@
 (b) overhead: a whole sampling step (sliding window, gaussian blending, scheduler, data-consistency projection)
     over the bare network forward on the same windows (target: within 10%);
 (c) N samples batched in one network call vs drawn one after another;
-(d) memory: peak RSS growth of enhancing a volume at two slice counts, each in a fresh subprocess
-    (``resource.getrusage`` after resetting the peak; tracemalloc does not see torch; glibc's mmap threshold
-    fixed so that RSS follows live memory), next to the size of the output arrays;
+(d) memory: peak RSS growth of enhancing a volume at two slice counts, each in a fresh subprocess (peak RSS,
+    VmHWM, reset after a warm-up; tracemalloc does not see torch; glibc's mmap threshold fixed so that RSS
+    follows live memory), next to the size of the output arrays;
 (e) fp32 vs bf16 autocast: sampling time and PSNR of the mean.
 
     .venv/bin/python benchmarks/bench_sampling.py                    # default size: a few minutes on 2 CPU cores
@@ -235,17 +235,17 @@ def memory_child(args: argparse.Namespace) -> None:
     enhance_scan(scan.with_array(scan.array[..., :8]), model, opts)  # warm-up: one-time buffers, full chunks
     gc.collect()
     reset = _reset_peak()  # else the peak of loading the template (freed since) would hide enhance's
-    rss_before = _rss_now()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = _status("VmRSS")
+    peak_before = _peak()
     result = enhance_scan(scan, model, opts)
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_after = _peak()
     outputs = sum(getattr(result, k).array.nbytes for k in ("mean", "std", "q05", "q95"))
     print(json.dumps({"slices": n, "rss_before": rss_before, "peak_before": peak_before, "peak_after": peak_after,
                       "outputs": outputs, "shape": list(result.mean.spatial_shape), "reset": reset}))
 
 
 def _reset_peak() -> bool:
-    """Reset the peak RSS (VmHWM, and with it ru_maxrss) to the current RSS: Linux >= 4.0, ``clear_refs`` 5."""
+    """Reset the peak RSS (VmHWM) to the current RSS: Linux >= 4.0, ``clear_refs`` 5."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -254,12 +254,26 @@ def _reset_peak() -> bool:
         return False
 
 
-def _rss_now() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+def _status(key: str) -> int:
+    """A ``/proc/self/status`` memory figure in bytes (0 where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
+
+
+def _peak() -> int:
+    """Peak RSS of this process: VmHWM where /proc has it, else ``getrusage`` maxrss.
+
+    In a child started by fork + exec, ``ru_maxrss`` also counts the parent's RSS at the fork (Linux keeps the
+    pre-exec image's high-water mark in the signal struct, and clear_refs does not reset that), so a child of a big
+    parent reports the parent's size; VmHWM is the child's own address space only.
+    """
+    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def section_memory(args: argparse.Namespace, model_path: Path, sz: Sizes) -> None:

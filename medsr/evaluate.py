@@ -260,10 +260,10 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
     mask = body if body.any() else np.ones_like(body)
     # calibration curve from the kept samples, spread scaled about the mean by the model's calibration
     k = model.calibration
-    qs = np.quantile(samples, [q for p in LEVELS for q in (0.5 - p / 2, 0.5 + p / 2)], axis=0)
     counts = []
-    for i, _ in enumerate(LEVELS):
-        lo, hi = mean + k * (qs[2 * i] - mean), mean + k * (qs[2 * i + 1] - mean)
+    for level in LEVELS:  # one level at a time: memory of two volumes, not of 2 x len(LEVELS)
+        q = np.quantile(samples, [0.5 - level / 2, 0.5 + level / 2], axis=0).astype(np.float32)
+        lo, hi = mean + k * (q[0] - mean), mean + k * (q[1] - mean)
         counts.append(int(((truth >= lo) & (truth <= hi))[mask].sum()))
     n_mask = int(mask.sum())
     curve: dict[str, list[Any]] = {"nominal": list(LEVELS), "empirical": [c / n_mask for c in counts],
