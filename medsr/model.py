@@ -20,7 +20,8 @@ from medsr.config import Config, ModelConfig, config_from_dict, to_dict
 from medsr.errors import MedsrError
 from medsr.io.paths import atomic_path
 
-__all__ = ["build_unet", "denoise", "save_checkpoint", "load_checkpoint", "LoadedModel", "load_model", "file_sha256"]
+__all__ = ["build_unet", "denoise", "save_checkpoint", "load_checkpoint", "LoadedModel", "load_model", "file_sha256",
+           "export_model"]
 
 CHECKPOINT_FORMAT = "medsr-checkpoint-1"
 
@@ -118,7 +119,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     if parse_spec(cfg.degrade).spatial_dims != cfg.model.spatial_dims:
         raise MedsrError(f"{path}: degradation {cfg.degrade} does not fit a {cfg.model.spatial_dims}D model")
     net = build_unet(cfg.model)
-    load_state_strict(net, ckpt["ema"], str(path))
+    load_state_strict(net, {k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}, str(path))
     net.to(device).eval()
     return LoadedModel(net, cfg, str(path), file_sha256(path), int(ckpt.get("step", 0)),
                        float(ckpt.get("calibration", 1.0)))
@@ -126,3 +127,18 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
 
 def config_payload(cfg: Config) -> dict[str, Any]:
     return to_dict(cfg)
+
+
+def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], calibration: float = 1.0,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write a release checkpoint: EMA weights only, in float16 (half the size), config, step, calibration.
+
+    ``load_model`` reads it like any checkpoint (weights go back to float32 on load). ``extra`` holds
+    provenance (data, command, wall time) that ends up in the model card.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    ema = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["ema"].items()}
+    payload = {"ema": ema, "config": ckpt["config"], "step": int(ckpt.get("step", 0)),
+               "normalisation": ckpt.get("normalisation", {}), "calibration": float(calibration),
+               "provenance": dict(extra or {})}
+    return save_checkpoint(out, payload)

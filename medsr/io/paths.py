@@ -43,6 +43,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     suffix = "".join(final.suffixes)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}-", suffix=suffix, dir=final.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     tmp = Path(tmp_name)
     try:
         yield tmp
