@@ -40,7 +40,7 @@ class EnhanceOptions:
     device: str = "auto"
     amp: str = "auto"
     project: bool = True
-    window: tuple[int, ...] | None = None  # sliding-window size (fine voxels); None: twice the training patch
+    window: tuple[int, ...] | None = None  # sliding-window size (fine voxels); None: the training patch (fastest)
     overlap: float = 0.25
     batch_size: int = 16  # images per network call (samples x slices)
     keep_samples: bool = False
@@ -121,7 +121,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: EnhanceOptions | None 
         low = low[None, None]
     if any(s < 2 for s in low.shape[2:]):
         raise MedsrError(f"{scan.source}: image too small to enhance (in-plane size {tuple(low.shape[2:])})")
-    window = tuple(opt.window) if opt.window else tuple(2 * p for p in cfg.data.patch_size)
+    window = tuple(opt.window) if opt.window else tuple(cfg.data.patch_size)
     n_items = low.shape[0]
     chunk = max(1, opt.batch_size // opt.samples) if two_d else 1
     fine_shape = [s * f for s, f in zip(low.shape[2:], spec.factors)]
