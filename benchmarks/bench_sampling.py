@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_line  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 from monai.metrics import PSNRMetric
 
 from medsr.config import load_config, to_dict
@@ -82,31 +82,6 @@ SIZES = {
                      4, 10),
     "tiny": Sizes("pydicom:CT_small.dcm", 32, 4, 3, 2, "pydicom:CT_small.dcm", 64, 2, 2, 3, 2, (32, 64), 32, 2, 2),
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def machine_line(device: torch.device) -> str:
-    cuda = "none"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        cuda = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
-    try:
-        cpu_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        cpu_bf16 = False
-    return (f"machine: cpu={cpu_model()}, cores={os.cpu_count()}, torch={torch.__version__}, "
-            f"threads={torch.get_num_threads()}, device={device}, cuda={cuda}, cpu_bf16={'yes' if cpu_bf16 else 'no'}, "
-            f"load={os.getloadavg()[0]:.2f}")
 
 
 def random_checkpoint(path: Path, tiny: bool) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +14,6 @@ from medsr.enhance import EnhanceOptions, EnhanceResult, choose_slice_axis, enha
 from medsr.errors import MedsrError
 from medsr.io import Scan, refined_affine
 from medsr.model import LoadedModel
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def crop_z(scan: Scan, z0: int, z1: int) -> Scan:

@@ -4,7 +4,6 @@ geometry, DICOM read-back in HU, report.json, no patient data, and clear errors.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,6 @@ from medsr.outputs import write_outputs
 
 STATS = ("mean", "std", "q05", "q95")
 FAST = ["--steps", "2", "--device", "cpu", "--amp", "none"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

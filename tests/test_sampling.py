@@ -3,7 +3,6 @@ and no seams from the sliding window (with a naive patch-wise sampler as the pos
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +15,6 @@ from medsr.degrade import block_average, kspace_truncate, kspace_zero_fill, pars
 from medsr.intensity import fit_normaliser
 from medsr.model import LoadedModel, load_model
 from medsr.sampling import sample
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
