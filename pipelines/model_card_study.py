@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=128, help="in-plane crop of the study scans")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-study", action="store_true")
+    parser.add_argument("--skip-eval", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -74,6 +75,15 @@ def main() -> None:
     result: dict[str, Any] = {"model": args.model, "sha256": model.sha256, "step": model.step}
 
     # 1. held-out evaluation at the chosen defaults, calibration fitted on the held-out validation scan
+    if not args.skip_eval:
+        evaluate_held_out(args, model, out, result)
+    run_study(args, model, result)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "study.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=lambda v: None))
+
+
+def evaluate_held_out(args: argparse.Namespace, model: Any, out: Path, result: dict[str, Any]) -> None:
     t = time.perf_counter()
     opt = EnhanceOptions(samples=args.samples, steps=args.steps, seed=0, keep_samples=True)
     ev = evaluate_scans(load(list(HELD_OUT), None), model, model.config.degrade, opt,
@@ -84,7 +94,9 @@ def main() -> None:
     result["evaluation_seconds"] = time.perf_counter() - t
     print(f"spread calibration factor (fitted on {CALIBRATION}): {ev.summary['spread_calibration']['factor']:.3f}")
 
-    # 2. steps and samples study on centred crops
+
+def run_study(args: argparse.Namespace, model: Any, result: dict[str, Any]) -> None:
+    """Steps and samples study on centred crops."""
     if not args.skip_study:
         scans = load(list(HELD_OUT), args.crop)
         rows = []
@@ -106,10 +118,5 @@ def main() -> None:
         for r in rows:
             print(f"| {r['sampler']} | {r['steps']} | {r['samples']} | {r['psnr_mean']:.2f} | {r['psnr_interp']:.2f} | "
                   f"{r['ssim_mean']:.4f} | {r['ssim_interp']:.4f} | {r['coverage_90']:.3f} | {r['seconds']:.0f} |")
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "study.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=lambda v: None))
-
-
 if __name__ == "__main__":
     main()
