@@ -30,18 +30,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from monai.metrics import PSNRMetric, SSIMMetric
+from monai.metrics.regression import compute_ssim_and_cs
+from scipy.stats import spearmanr
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from monai.metrics import PSNRMetric, SSIMMetric  # noqa: E402
-from monai.metrics.regression import compute_ssim_and_cs  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
-
-from medsr import __version__  # noqa: E402
-from medsr.degrade import (  # noqa: E402
+from medsr import __version__
+from medsr.degrade import (
     DegradeSpec,
     apply_degradation,
     block_average,
@@ -51,12 +48,12 @@ from medsr.degrade import (  # noqa: E402
     psf_blur,
     upsample,
 )
-from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan, volume_factors  # noqa: E402
-from medsr.errors import MedsrError  # noqa: E402
-from medsr.intensity import IntensityConfig, Normaliser, fit_normaliser  # noqa: E402
-from medsr.io.paths import atomic_path, sanitize_component  # noqa: E402
-from medsr.io.scan import Scan  # noqa: E402
-from medsr.model import LoadedModel  # noqa: E402
+from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan, volume_factors
+from medsr.errors import MedsrError
+from medsr.intensity import IntensityConfig, Normaliser, fit_normaliser
+from medsr.io.paths import atomic_path, sanitize_component
+from medsr.io.scan import Scan
+from medsr.model import LoadedModel
 
 __all__ = ["coarse_affine", "crop_to_factors", "Degraded", "degrade_scan", "fit_spread_calibration",
            "ScanEvaluation", "Evaluation", "evaluate_scans", "write_evaluation", "format_table", "METHODS"]
@@ -402,12 +399,12 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) ->
 def _save(fig: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     return path
 
 
 def _calibration_plot(evaluation: Evaluation, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 5), constrained_layout=True)
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
     for s in evaluation.scans:
         ax.plot(s.curve["nominal"], s.curve["empirical"], "-", lw=1, alpha=0.6, label=s.name)
@@ -420,7 +417,8 @@ def _calibration_plot(evaluation: Evaluation, path: Path) -> Path:
 
 
 def _scatter_plot(evaluation: Evaluation, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 5), constrained_layout=True)
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.subplots()
     for s in evaluation.scans:
         ax.scatter(s.patch_std, s.patch_err, s=6, alpha=0.5, label=s.name)
     rho = evaluation.summary["calibration"]["spearman_pooled"]
@@ -436,7 +434,8 @@ def _compare_figure(s: ScanEvaluation, path: Path) -> Path:
     hot = max(float(np.percentile(np.concatenate([p["std"].ravel(), p["error"].ravel()]), 99.5)), 1e-6)
     titles = {"truth": "truth", "interpolation": "interpolation", "sample": "one sample", "mean": "posterior mean",
               "std": "std", "error": "|mean - truth|"}
-    fig, axes = plt.subplots(1, 6, figsize=(18, 3.6), constrained_layout=True)
+    fig = Figure(figsize=(18, 3.6), layout="constrained")
+    axes = fig.subplots(1, 6)
     for ax, key in zip(axes, titles):
         gray = key not in ("std", "error")
         im = ax.imshow(p[key], cmap="gray" if gray else "inferno", vmin=vmin if gray else 0,

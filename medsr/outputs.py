@@ -88,7 +88,8 @@ def write_outputs(scan: Scan, result: EnhanceResult, model: LoadedModel, options
     review_figure(scan.array[0], result.mean.array[0], result.std.array[0], result.factors, folder / "review.png",
                   title=f"medsr x{'x'.join(map(str, result.factors))}, {options.samples} samples, "
                         f"uncertainty score {result.score.mean_std:.4f}",
-                  units=units, slice_axis=2 if result.info.get("slice_axis") is None else result.info["slice_axis"])
+                  units=units, slice_axis=2 if result.info.get("slice_axis") is None else result.info["slice_axis"],
+                  affine=scan.affine)
     written.append("review.png")
     report = build_report(scan, result, model, options)
     report["files"] = written + ["report.json"]

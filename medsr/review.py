@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import nibabel as nib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from medsr.io.paths import atomic_path  # noqa: E402
+from medsr.io.paths import atomic_path
 
 __all__ = ["review_figure"]
 
@@ -30,7 +29,19 @@ def _pick_slice(vol: np.ndarray, axis: int) -> int:
 
 
 def _plane(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
-    return np.take(vol, index, axis=axis).T  # rows = Y, columns = X: radiological display of an axial slice
+    """A plane of a RAS-ordered volume for ``origin="lower"`` display in radiological convention.
+
+    Rows run along the second remaining axis (anterior / superior up), columns along the first, flipped when it
+    is the R-L axis so the patient's right is on the viewer's left.
+    """
+    plane = np.take(vol, index, axis=axis).T
+    return plane[:, ::-1] if axis != 0 else plane
+
+
+def _to_ras(vols: list[np.ndarray], affine: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Reorder arrays to the closest RAS axes (from the affine); returns them and the axis permutation."""
+    ornt = nib.orientations.io_orientation(affine)
+    return [nib.orientations.apply_orientation(v, ornt) for v in vols], ornt[:, 0].astype(int)
 
 
 def review_figure(
@@ -42,11 +53,18 @@ def review_figure(
     title: str = "",
     units: str = "",
     slice_axis: int = 2,
+    affine: np.ndarray | None = None,
 ) -> Path:
-    """Write the review PNG atomically. Arrays are ``(X, Y, Z)``: ``low`` coarse, ``mean``/``std`` fine."""
+    """Write the review PNG atomically. Arrays are ``(X, Y, Z)``: ``low`` coarse, ``mean``/``std`` fine.
+
+    With the scan's ``affine`` the planes are shown in radiological convention whatever the storage order.
+    """
     low_fine = low
     for axis, f in enumerate(factors):
         low_fine = np.repeat(low_fine, f, axis=axis)
+    if affine is not None:
+        (low_fine, mean, std), perm = _to_ras([low_fine, mean, std], affine)
+        slice_axis = int(perm[slice_axis])
     index = _pick_slice(mean, slice_axis)
     planes = [_plane(v, slice_axis, index) for v in (low_fine, mean, std)]
     vmin, vmax = np.percentile(planes[1], [1, 99.5])
@@ -58,12 +76,13 @@ def review_figure(
     r, c = np.unravel_index(int(np.argmax(blur)), blur.shape)
     zoom = (slice(r, r + zh), slice(c, c + zw))
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.6), constrained_layout=True)
+    fig = Figure(figsize=(16, 4.6), layout="constrained")
+    axes = fig.subplots(1, 4)
     axes[0].imshow(planes[0], cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
     axes[0].set_title("input (as acquired)")
     axes[1].imshow(planes[1], cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
     axes[1].set_title("enhanced (posterior mean)")
-    axes[1].add_patch(plt.Rectangle((c - 0.5, r - 0.5), zw, zh, fill=False, ec="yellow", lw=1.5))
+    axes[1].add_patch(Rectangle((c - 0.5, r - 0.5), zw, zh, fill=False, ec="yellow", lw=1.5))
     axes[2].imshow(planes[1], cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
     heat = axes[2].imshow(planes[2], cmap="inferno", vmin=0, vmax=smax, alpha=0.75, origin="lower")
     fig.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.02, label=f"std {units}".strip())
@@ -78,7 +97,6 @@ def review_figure(
         fig.suptitle(title, fontsize=11)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     return Path(path)
 
 
