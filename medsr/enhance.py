@@ -34,7 +34,7 @@ class EnhanceOptions:
     """How to sample. Defaults come from the steps/samples study in the model card."""
 
     samples: int = 8
-    steps: int = 20
+    steps: int = 10
     sampler: str = "ddim"
     seed: int = 0
     device: str = "auto"

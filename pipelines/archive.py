@@ -82,7 +82,7 @@ class ArchiveOptions:
 
     model: str = ""
     samples: int = 8
-    steps: int = 20
+    steps: int = 10
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
