@@ -173,7 +173,7 @@ def _build(cls: Any, values: dict[str, Any], where: str = "") -> Any:
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build a :class:`Config` from a nested dict, refusing unknown keys and wrong types."""
-    return _build(Config, values or {})  # type: ignore[no-any-return]
+    return _build(Config, values or {})
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -162,7 +162,10 @@ def block_average_adjoint(y: torch.Tensor, factors: Sequence[int]) -> torch.Tens
 
 def psf_blur(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
     """Gaussian point-spread function (std in fine voxels) with MONAI's separable filter."""
-    sigmas = [float(sigma)] * (x.ndim - 2) if np.isscalar(sigma) else [float(s) for s in sigma]  # type: ignore[arg-type]
+    if isinstance(sigma, (int, float)):
+        sigmas = [float(sigma)] * (x.ndim - 2)
+    else:
+        sigmas = [float(s) for s in sigma]
     flt = GaussianFilter(spatial_dims=x.ndim - 2, sigma=sigmas).to(x.device)
     return flt(x)
 

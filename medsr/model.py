@@ -50,7 +50,7 @@ def denoise(net: torch.nn.Module, x_t: torch.Tensor, cond: torch.Tensor, t: torc
         t = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
     elif t.ndim == 0:
         t = t.expand(x_t.shape[0])
-    return net(torch.cat([x_t, cond], dim=1), timesteps=t)  # type: ignore[no-any-return]
+    return net(torch.cat([x_t, cond], dim=1), timesteps=t)
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:

@@ -103,8 +103,8 @@ def ema_decay_at(step: int, decay: float) -> float:
 def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), net.parameters()):
         e.lerp_(p.detach(), 1.0 - decay)
-    for e, b in zip(ema.buffers(), net.buffers()):
-        e.copy_(b)
+    for e_buf, n_buf in zip(ema.buffers(), net.buffers()):
+        e_buf.copy_(n_buf)
 
 
 def check_compatible(stored: dict[str, Any], cfg: Config, where: str) -> None:
@@ -135,8 +135,8 @@ def validate(ema: torch.nn.Module, cfg: Config, batches: list[dict[str, torch.Te
             metrics[key][1](pred, hr)
     result = {}
     for key, (psnr, ssim) in metrics.items():
-        result[f"{key}_psnr"] = float(psnr.aggregate().item())
-        result[f"{key}_ssim"] = float(ssim.aggregate().item())
+        result[f"{key}_psnr"] = float(torch.as_tensor(psnr.aggregate()).item())
+        result[f"{key}_ssim"] = float(torch.as_tensor(ssim.aggregate()).item())
     return result
 
 
