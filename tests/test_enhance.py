@@ -112,7 +112,7 @@ def test_every_sample_is_consistent_with_the_input(result: EnhanceResult, t1: Sc
 def test_timings_and_info(result: EnhanceResult) -> None:
     assert set(result.timings) == {"prepare_s", "sampling_s", "total_s"}
     assert result.timings["total_s"] >= result.timings["sampling_s"] > 0
-    assert result.info["window"] == [32, 32] and result.info["device"] == "cpu"
+    assert result.info["window"] == [16, 16] and result.info["device"] == "cpu"
 
 
 # --- reproducibility --------------------------------------------------------------------------------------------
