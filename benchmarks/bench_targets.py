@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="patches per step (default 8, tiny 2)")
     ap.add_argument("--patch", type=int, default=32, help="square patch size, training and evaluation")
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--prediction", default="epsilon", help="epsilon (the shipped default) or v_prediction")
+    ap.add_argument("--prediction", default="v_prediction", help="v_prediction (the shipped default) or epsilon")
     ap.add_argument("--val-patches", type=int, default=None, help="held-out patches per scan (default 32, tiny 2)")
     ap.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (default 50, tiny 2)")
     ap.add_argument("--threads", type=int, default=0)
