@@ -39,13 +39,13 @@ import torch
 from machine import machine_line  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 from monai.metrics import PSNRMetric
 
-from medsr.config import load_config, to_dict
+from medsr.config import load_config
 from medsr.degrade import parse_spec, upsample
 from medsr.enhance import EnhanceOptions, enhance_scan
 from medsr.evaluate import Degraded, degrade_scan
 from medsr.io.refs import load_ref
 from medsr.io.scan import Scan
-from medsr.model import LoadedModel, build_unet, load_model, save_checkpoint
+from medsr.model import LoadedModel, load_model, write_untrained_checkpoint
 from medsr.sampling import sample
 from medsr.train import resolve_device
 
@@ -87,14 +87,7 @@ SIZES = {
 def random_checkpoint(path: Path, tiny: bool) -> Path:
     """A random network (output conv randomised: MONAI zero-initialises it) of the tiny or default architecture."""
     cfg = load_config(None, TINY_MODEL) if tiny else load_config(REPO / "configs" / "default_model.yaml")
-    torch.manual_seed(0)
-    net = build_unet(cfg.model)
-    with torch.no_grad():
-        for p in net.out.parameters():
-            torch.nn.init.normal_(p, std=0.02)
-    state = net.state_dict()
-    return save_checkpoint(path, {"model": state, "ema": state, "optimizer": {}, "step": 0, "rng": [],
-                                  "config": to_dict(cfg), "normalisation": to_dict(cfg.intensity), "calibration": 1.0})
+    return write_untrained_checkpoint(path, cfg, out_std=0.02)
 
 
 def centre_crop(scan: Scan, size: int) -> Scan:

@@ -141,13 +141,9 @@ def _check_shape(x: torch.Tensor, factors: Sequence[int]) -> None:
         raise MedsrError(f"image size {tuple(spatial)} is not divisible by the factors {tuple(factors)}")
 
 
-def _pool_kernel(factors: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(f) for f in factors)
-
-
 def block_average(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     """Mean over non-overlapping blocks of ``factors`` voxels: what a thicker slice or larger voxel records."""
-    k = _pool_kernel(factors)
+    k = tuple(int(f) for f in factors)
     pool = F.avg_pool2d if len(k) == 2 else F.avg_pool3d
     return pool(x, kernel_size=k, stride=k)
 

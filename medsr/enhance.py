@@ -159,8 +159,9 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: EnhanceOptions | None 
             samples.append(x)
         all_samples = torch.cat(samples)
         mean = stats.mean.float()  # type: ignore[union-attr]
-        std = stats.std().float() * model.calibration
-        q_lo, q_hi, method = interval(mean, stats.std().float(), all_samples, calibration=model.calibration)
+        raw_std = stats.std().float()
+        std = raw_std * model.calibration
+        q_lo, q_hi, method = interval(mean, raw_std, all_samples, calibration=model.calibration)
         for key, value in (("mean", mean), ("std", std), ("q05", q_lo), ("q95", q_hi)):
             outs[key][start:stop] = value
         if kept is not None:

@@ -21,7 +21,7 @@ from medsr.errors import MedsrError
 from medsr.io.paths import atomic_path
 
 __all__ = ["build_unet", "denoise", "save_checkpoint", "load_checkpoint", "LoadedModel", "load_model", "file_sha256",
-           "export_model"]
+           "export_model", "checkpoint_payload", "write_untrained_checkpoint"]
 
 CHECKPOINT_FORMAT = "medsr-checkpoint-1"
 
@@ -125,8 +125,31 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
                        float(ckpt.get("calibration", 1.0)))
 
 
-def config_payload(cfg: Config) -> dict[str, Any]:
-    return to_dict(cfg)
+def checkpoint_payload(cfg: Config, ema_state: dict[str, torch.Tensor], *,
+                       model_state: dict[str, torch.Tensor] | None = None,
+                       optimizer_state: dict[str, Any] | None = None, step: int = 0,
+                       rng: list[torch.Tensor] | None = None, calibration: float = 1.0) -> dict[str, Any]:
+    """The keys every training checkpoint holds (what ``train`` writes, ``load_model`` and resuming read)."""
+    return {"model": ema_state if model_state is None else model_state, "ema": ema_state,
+            "optimizer": {} if optimizer_state is None else optimizer_state, "step": int(step),
+            "rng": list(rng or []), "config": to_dict(cfg), "normalisation": to_dict(cfg.intensity),
+            "calibration": float(calibration)}
+
+
+def write_untrained_checkpoint(path: str | os.PathLike[str], cfg: Config, *, seed: int = 0, out_std: float = 0.02,
+                               step: int = 0) -> Path:
+    """An untrained network's checkpoint, for tests and benchmarks that need a model but not a trained one.
+
+    MONAI zero-initialises the UNet's output convolution, so an untrained net predicts exactly zero; that layer
+    is drawn from N(0, out_std²) (seeded) so samples are non-trivial.
+    """
+    torch.manual_seed(seed)
+    net = build_unet(cfg.model)
+    with torch.no_grad():
+        for p in net.out.parameters():
+            torch.nn.init.normal_(p, std=out_std)
+    state = net.state_dict()
+    return save_checkpoint(path, checkpoint_payload(cfg, state, model_state=state, step=step))
 
 
 def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], calibration: float = 1.0,

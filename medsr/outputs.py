@@ -80,7 +80,7 @@ def write_outputs(scan: Scan, result: EnhanceResult, model: LoadedModel, options
         _write_series(result.std, scan, folder / "dicom_std", f"medsr SR3 {scale} uncertainty (std of {n})")
         written += ["dicom_mean/", "dicom_std/"]
     if save_samples and result.samples is not None:
-        samples = Scan(array=np.moveaxis(result.samples, 0, 0).astype(np.float32), affine=result.mean.affine,
+        samples = Scan(array=result.samples.astype(np.float32), affine=result.mean.affine,
                        modality=scan.modality, source=scan.source)
         save_nifti(samples, folder / "samples.nii.gz")
         written.append("samples.nii.gz")

@@ -10,7 +10,7 @@ independently sampled patches, so there are no seams. Knows nothing of files or 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -124,7 +124,3 @@ def sample(
             on_step(i + 1, len(timesteps))
     return from_target(x, cond, cfg)
 
-
-def iterate_chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, max(1, size)):
-        yield slice(start, min(n, start + size))

@@ -32,7 +32,7 @@ from medsr.degrade import parse_spec
 from medsr.diffusion import diffusion_loss, make_train_scheduler
 from medsr.errors import MedsrError
 from medsr.io.paths import atomic_path
-from medsr.model import build_unet, load_checkpoint, load_state_strict, save_checkpoint
+from medsr.model import build_unet, checkpoint_payload, load_checkpoint, load_state_strict, save_checkpoint
 from medsr.sampling import autocast_context, make_generators, sample
 
 __all__ = ["train", "resolve_device", "resolve_amp", "TrainResult"]
@@ -174,8 +174,8 @@ def train(cfg: Config) -> TrainResult:
         load_state_strict(ema, ckpt["ema"], str(last))
         opt.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["step"])
-        gen.set_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)].to("cpu") if device.type == "cpu"
-                      else ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+        # generator states are CPU byte tensors, also for CUDA generators (map_location moved them)
+        gen.set_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)].cpu())
     model: torch.nn.Module = DistributedDataParallel(net) if distributed else net
     scheduler = make_train_scheduler(cfg.diffusion)
 
@@ -215,9 +215,8 @@ def train(cfg: Config) -> TrainResult:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, gen.get_state().cpu())
             states = gathered
-        payload = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                   "step": step, "rng": [s.cpu() for s in states], "config": to_dict(cfg),
-                   "normalisation": to_dict(cfg.intensity), "calibration": 1.0}
+        payload = checkpoint_payload(cfg, ema.state_dict(), model_state=net.state_dict(),
+                                     optimizer_state=opt.state_dict(), step=step, rng=[s.cpu() for s in states])
         if rank == 0:
             save_checkpoint(last, payload)
         return last
@@ -255,8 +254,8 @@ def train(cfg: Config) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", **({"psnr": f"{row['sr_psnr']:.2f}"} if row else {}))
     bar.close()
-    if step == start:  # nothing left to do (already finished): still make sure the final checkpoint exists
-        save(step) if not last.is_file() else None
+    if step == start and not last.is_file():  # nothing to do, but the final checkpoint must exist
+        save(step)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

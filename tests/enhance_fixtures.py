@@ -12,12 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from medsr.config import Config, load_config, to_dict
+from medsr.config import Config, load_config
 from medsr.io import Scan, load_scan
 from medsr.io.refs import resolve_ref
-from medsr.model import LoadedModel, build_unet, load_model, save_checkpoint
+from medsr.model import LoadedModel, load_model, write_untrained_checkpoint
 
 __all__ = ["TINY", "tiny_config", "write_tiny_checkpoint", "tiny_model", "anatomical", "ct_small", "fine_centres"]
 
@@ -34,15 +33,7 @@ def tiny_config(degrade: str = "block:2x2", patch: tuple[int, ...] = (16, 16), *
 
 def write_tiny_checkpoint(path: Path, cfg: Config, seed: int = 0, out_std: float = 0.05) -> Path:
     """A checkpoint shaped like ``medsr.train``'s, with a randomised output conv so the net is not all zeros."""
-    torch.manual_seed(seed)
-    net = build_unet(cfg.model)
-    with torch.no_grad():
-        for p in net.out.parameters():
-            torch.nn.init.normal_(p, std=out_std)
-    state = net.state_dict()
-    payload = {"model": state, "ema": state, "optimizer": {}, "step": 7, "rng": [], "config": to_dict(cfg),
-               "normalisation": to_dict(cfg.intensity), "calibration": 1.0}
-    return save_checkpoint(path, payload)
+    return write_untrained_checkpoint(path, cfg, seed=seed, out_std=out_std, step=7)
 
 
 def tiny_model(path: Path, degrade: str = "block:2x2", patch: tuple[int, ...] = (16, 16), *extra: str, seed: int = 0,

@@ -23,19 +23,18 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import BasicTextSRStorage, generate_uid
 from typer.testing import CliRunner
 
 from medsr.cli import app
-from medsr.config import load_config, to_dict
-from medsr.model import build_unet, save_checkpoint
+from medsr.config import load_config
+from medsr.model import build_unet, checkpoint_payload, save_checkpoint
 from pipelines.archive import ArchiveOptions, format_summary, run_archive
 from pipelines.discover import Item, discover
 from pipelines.manifest import Manifest, shard_of
 
 sys.path.insert(0, str(Path(__file__).parent / "io"))
-from iodata import NIBABEL_DATA, datafile, load_cranium_crop, tree_hash, write_ct_series  # noqa: E402
+from iodata import NIBABEL_DATA, datafile, load_cranium_crop, new_dataset, tree_hash, write_ct_series  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTIFIERS = ("Doe^Jane", "Doe Jane", "MEDSR-TEST-0042", "CompressedSamples", "1CT1", "4MR1", "19700101")
@@ -55,11 +54,7 @@ OUTPUT_FILES["dicom"] = OUTPUT_FILES["nifti"] | {"dicom_mean", "dicom_std"}
 
 def _write_sr(path: Path) -> None:
     """A Basic Text SR document: a real-world non-image DICOM object (no PixelData)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = BasicTextSRStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds = new_dataset(BasicTextSRStorage)
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "MEDSR-TEST-0042", "19700101"
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "SR", 90, 1
@@ -137,8 +132,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 p.normal_(0.0, 0.05)
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     state = net.state_dict()
-    save_checkpoint(path, {"model": state, "ema": state, "optimizer": {}, "step": 0, "rng": [],
-                           "config": to_dict(cfg), "normalisation": to_dict(cfg.intensity), "calibration": 1.0})
+    save_checkpoint(path, checkpoint_payload(cfg, state, model_state=state))
     return path
 
 

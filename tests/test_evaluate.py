@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from medsr.cli import app
-from medsr.config import load_config, to_dict
+from medsr.config import load_config
 from medsr.degrade import block_average, kspace_truncate, parse_spec
 from medsr.enhance import choose_slice_axis
 from medsr.evaluate import coarse_affine, crop_to_factors, degrade_scan, fit_spread_calibration, needed_scale
 from medsr.io import load_scan, refined_affine, save_nifti
 from medsr.io.refs import resolve_ref
-from medsr.model import build_unet, save_checkpoint
+from medsr.model import write_untrained_checkpoint
 
 VOLUME = "nibabel:anatomical.nii"  # real T1, 33x41x25, 2 mm isotropic
 SLICE = "pydicom:CT_small.dcm"  # real CT slice, 128x128
@@ -31,15 +31,7 @@ def write_model(path: Path, degrade: str = "block:4x4") -> Path:
     cfg = load_config(None, ["model.channels=[8,16]", "model.attention_levels=[false,false]",
                              "model.num_head_channels=8", "model.norm_num_groups=4", "data.patch_size=[32,32]",
                              "diffusion.prediction=v_prediction", f"degrade={degrade}"])
-    torch.manual_seed(0)
-    net = build_unet(cfg.model)
-    with torch.no_grad():
-        for p in net.out.parameters():
-            torch.nn.init.normal_(p, std=0.02)
-    state = net.state_dict()
-    return save_checkpoint(path, {"model": state, "ema": state, "optimizer": {}, "step": 3, "rng": [],
-                                  "config": to_dict(cfg), "normalisation": to_dict(cfg.intensity),
-                                  "calibration": 1.0})
+    return write_untrained_checkpoint(path, cfg, out_std=0.02, step=3)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from medsr.io.paths import sanitize_component
+
 __all__ = ["Scan", "spacing_from_affine", "refined_affine"]
 
 
@@ -62,8 +64,6 @@ class Scan:
             if stem.endswith(suffix):
                 stem = stem[: -len(suffix)]
                 break
-        from medsr.io.paths import sanitize_component
-
         return sanitize_component(stem or "scan")
 
     def with_array(self, array: np.ndarray, affine: np.ndarray | None = None) -> Scan:

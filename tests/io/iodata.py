@@ -63,6 +63,16 @@ def oblique_iop() -> np.ndarray:
     return np.concatenate([r[:, 0], r[:, 1]])
 
 
+def new_dataset(sop_class: str) -> Dataset:
+    """An empty explicit-VR little-endian dataset of ``sop_class`` with file meta and a fresh SOP instance UID."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    return ds
+
+
 def write_ct_series(folder: Path, hu: np.ndarray, *, series_uid: str | None = None,
                     description: str = "real CT crop") -> tuple[list[Path], np.ndarray]:
     """Write ``hu`` (Z, rows, cols) as CT slices under shuffled names; return paths in Z order and RAS affine.
@@ -81,11 +91,7 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, series_uid: str | None = No
     names = [secrets.token_hex(5) for _ in range(hu.shape[0])]  # random, so name order means nothing
     paths = []
     for k, plane in enumerate(hu):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds = new_dataset(CTImageStorage)
         ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "MEDSR-TEST-0042", "19700101"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame
         ds.Modality, ds.SeriesDescription, ds.SeriesNumber = "CT", description, 3

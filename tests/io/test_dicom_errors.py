@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from iodata import DICOMDIR_TESTS, datafile, oblique_iop, write_ct_series
-from pydicom.dataset import Dataset, FileMetaDataset
+from iodata import DICOMDIR_TESTS, datafile, new_dataset, oblique_iop, write_ct_series
 from pydicom.encaps import encapsulate
-from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import BasicTextSRStorage
 
 from medsr.io import MedsrError, load_scan
 
@@ -40,11 +39,7 @@ def test_text_file_is_not_dicom(tmp_path: Path):
 
 
 def test_structured_report_has_no_pixels(tmp_path: Path):
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = BasicTextSRStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds = new_dataset(BasicTextSRStorage)
     ds.Modality, ds.PatientName, ds.ValueType = "SR", "Secret^Name", "CONTAINER"
     ds.save_as(tmp_path / "report.dcm", enforce_file_format=True)
     with pytest.raises(MedsrError, match="Basic Text SR Storage, modality SR") as info:
