@@ -46,8 +46,8 @@ from medsr.evaluate import Degraded, degrade_scan
 from medsr.io.refs import load_ref
 from medsr.io.scan import Scan
 from medsr.model import LoadedModel, load_model, write_untrained_checkpoint
+from medsr.runtime import resolve_device
 from medsr.sampling import sample
-from medsr.train import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "medsr" / "weights" / "default_x4.pt"

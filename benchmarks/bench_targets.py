@@ -25,8 +25,9 @@ from medsr.config import Config, load_config, to_dict
 from medsr.data import PatchDataset, load_volumes
 from medsr.degrade import parse_spec
 from medsr.model import load_model
+from medsr.runtime import resolve_device
 from medsr.sampling import make_generators, sample
-from medsr.train import resolve_device, train
+from medsr.train import train
 
 VAL_REFS = ["nibabel:anatomical.nii", "pydicom:MR2_UNCR.dcm"]
 SAMPLES = 4

@@ -24,8 +24,7 @@ from medsr.degrade import parse_spec
 from medsr.diffusion import diffusion_loss, make_train_scheduler
 from medsr.intensity import IntensityConfig
 from medsr.model import build_unet
-from medsr.sampling import autocast_context
-from medsr.train import resolve_device
+from medsr.runtime import autocast_context, resolve_device
 
 TRAIN_REF = "nilearn:mni152"
 

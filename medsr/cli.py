@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from medsr.config import SamplingConfig
 from medsr.errors import MedsrError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -66,49 +67,43 @@ def train(
     typer.echo(f"checkpoint: {result.checkpoint}")
 
 
-DEFAULT_MODEL = Path(__file__).parent / "weights" / "default_x4.pt"
-
-
-def default_model_path() -> Path:
-    """The model shipped inside the package; a clear error if this install lacks it."""
-    if not DEFAULT_MODEL.is_file():
-        raise MedsrError(f"no default model shipped at {DEFAULT_MODEL}; pass --model PATH (a medsr checkpoint)")
-    return DEFAULT_MODEL
+_SAMPLING = SamplingConfig()  # the defaults every sampling option below shows
+_MODEL_HELP = "shipped model name or medsr checkpoint path (default: the shipped default model)"
 
 
 @app.command()
 def enhance(
     inputs: list[Path] = typer.Argument(..., help="scans: NIfTI files, DICOM files or DICOM series folders"),
-    model: Path | None = typer.Option(None, help="medsr checkpoint (default: the model shipped with medsr)"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
     out: Path = typer.Option(Path("medsr_out"), help="output folder; each input gets OUT/NAME/"),
-    samples: int = typer.Option(8, help="diffusion samples per scan (mean, std and interval come from them)"),
-    steps: int = typer.Option(10, help="DDIM steps per sample (10: best PSNR/SSIM in the model card study)"),
-    sampler: str = typer.Option("ddim", help="ddim (fast) or ddpm (all 1000 steps, SR3's reference)"),
-    seed: int = typer.Option(0, help="random seed; same seed, same result"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    amp: str = typer.Option("auto", help="autocast: auto (bf16 on CUDA), bf16, fp16 or none"),
+    samples: int = typer.Option(_SAMPLING.samples, help="diffusion samples per scan (mean, std, interval)"),
+    steps: int = typer.Option(_SAMPLING.steps, help="DDIM steps per sample (model card: steps/samples study)"),
+    sampler: str = typer.Option(_SAMPLING.sampler, help="ddim (fast) or ddpm (all 1000 steps, SR3's reference)"),
+    seed: int = typer.Option(_SAMPLING.seed, help="random seed; same seed, same result"),
+    device: str = typer.Option(_SAMPLING.device, help="auto, cpu or cuda"),
+    amp: str = typer.Option(_SAMPLING.amp, help="autocast: auto (bf16 on CUDA), bf16, fp16 or none"),
     save_samples: bool = typer.Option(False, "--save-samples", help="also write every sample (samples.nii.gz)"),
     fmt: str | None = typer.Option(None, "--format", help="nifti, dicom or both (default: both for DICOM input)"),
-    projection: bool = typer.Option(True, help="data-consistency projection at every step"),
-    overlap: float = typer.Option(0.25, help="sliding-window overlap"),
+    projection: bool = typer.Option(_SAMPLING.project, help="data-consistency projection at every step"),
+    overlap: float = typer.Option(_SAMPLING.overlap, help="sliding-window overlap, in [0, 1)"),
     series_uid: str | None = typer.Option(None, help="series to use in a folder holding several"),
 ) -> None:
     """Enhance scans: posterior mean, per-voxel std, 5-95% interval, review figure and report per input."""
     from tqdm import tqdm
 
-    from medsr.enhance import EnhanceOptions, enhance_scan
+    from medsr.enhance import enhance_scan
     from medsr.io import load_scan
     from medsr.io.refs import resolve_ref
     from medsr.model import load_model
     from medsr.outputs import write_outputs
-    from medsr.train import resolve_device
+    from medsr.runtime import resolve_device, resolve_model
 
     try:
         if fmt not in (None, "nifti", "dicom", "both"):
             raise MedsrError(f"--format must be nifti, dicom or both, got {fmt!r}")
-        loaded = load_model(model or default_model_path(), device=resolve_device(device))
-        options = EnhanceOptions(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device, amp=amp,
+        options = SamplingConfig(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device, amp=amp,
                                  project=projection, overlap=overlap, keep_samples=save_samples)
+        loaded = load_model(resolve_model(model), device=resolve_device(device))
         for path in inputs:
             scan = load_scan(resolve_ref(str(path)), series_uid=series_uid)
             is_dicom = bool(scan.dicom_headers)
@@ -130,32 +125,31 @@ def enhance(
 @app.command()
 def evaluate(
     inputs: list[Path] = typer.Argument(..., help="high-quality scans (the truth): files, folders, pydicom:NAME"),
-    model: Path | None = typer.Option(None, help="medsr checkpoint (default: the model shipped with medsr)"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
     degrade: str = typer.Option(..., help="degradation applied to the truth, e.g. block:4x4 (factors of the model)"),
-    samples: int = typer.Option(8, help="diffusion samples per scan"),
-    steps: int = typer.Option(10, help="DDIM steps per sample (10: best PSNR/SSIM in the model card study)"),
-    sampler: str = typer.Option("ddim", help="ddim or ddpm"),
+    samples: int = typer.Option(_SAMPLING.samples, help="diffusion samples per scan"),
+    steps: int = typer.Option(_SAMPLING.steps, help="DDIM steps per sample (model card: steps/samples study)"),
+    sampler: str = typer.Option(_SAMPLING.sampler, help="ddim or ddpm"),
     out: Path = typer.Option(Path("medsr_eval"), help="folder for metrics.csv, summary.json and plots"),
-    seed: int = typer.Option(0, help="random seed (degradation noise and sampling)"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    seed: int = typer.Option(_SAMPLING.seed, help="random seed (degradation noise and sampling)"),
+    device: str = typer.Option(_SAMPLING.device, help="auto, cpu or cuda"),
     calibration_split: list[Path] = typer.Option([], help="scans used only to fit the spread calibration factor"),
 ) -> None:
     """Degrade scans whose truth is known, enhance them, and score interpolation, one sample and the mean."""
-    from medsr.enhance import EnhanceOptions
     from medsr.evaluate import evaluate_scans, format_table, write_evaluation
     from medsr.io import load_scan
     from medsr.io.refs import resolve_ref
     from medsr.model import load_model
-    from medsr.train import resolve_device
+    from medsr.runtime import resolve_device, resolve_model
 
     try:
         from medsr.degrade import parse_spec
 
         parse_spec(degrade)  # a bad spec fails before anything slow
-        loaded = load_model(model or default_model_path(), device=resolve_device(device))
+        options = SamplingConfig(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device)
+        loaded = load_model(resolve_model(model), device=resolve_device(device))
         scans = [load_scan(resolve_ref(str(p))) for p in inputs]
         calib = [load_scan(resolve_ref(str(p))) for p in calibration_split]
-        options = EnhanceOptions(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device)
         evaluation = evaluate_scans(scans, loaded, degrade, options, calibration_scans=calib)
         write_evaluation(evaluation, out)
     except MedsrError as exc:
@@ -169,9 +163,9 @@ def evaluate(
 def archive(
     src: Path = typer.Argument(..., help="archive folder: every NIfTI file and DICOM series under it is enhanced"),
     out: Path = typer.Option(..., "--out", help="output folder: mirrors SRC; holds manifest.sqlite and logs"),
-    model: Path | None = typer.Option(None, help="medsr checkpoint (default: the model shipped with medsr)"),
-    samples: int | None = typer.Option(None, help="diffusion samples per item (default 8)"),
-    steps: int | None = typer.Option(None, help="DDIM steps per sample (default 10)"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
+    samples: int | None = typer.Option(None, help=f"diffusion samples per item (default {_SAMPLING.samples})"),
+    steps: int | None = typer.Option(None, help=f"DDIM steps per sample (default {_SAMPLING.steps})"),
     workers: int | None = typer.Option(None, help="worker processes on this machine/rank (default 1)"),
     threads: int | None = typer.Option(None, help="torch threads per worker (default: cores // workers)"),
     seed: int | None = typer.Option(None, help="random seed (default 0)"),
@@ -181,23 +175,16 @@ def archive(
     config: Path | None = typer.Option(None, help="YAML of ArchiveOptions fields (pipelines/archive.py); flags win"),
 ) -> None:
     """Enhance a whole archive, resumably: medsr archive SRC --out DST. Shards across torchrun ranks."""
+    from medsr.runtime import resolve_model
     from pipelines.archive import format_summary, load_archive_options, run_archive
 
     try:
-        opts = load_archive_options(config, model=None if model is None else str(model), samples=samples,
+        opts = load_archive_options(config, model=model, samples=samples,
                                     steps=steps, workers=workers, threads=threads, seed=seed, device=device,
                                     format=fmt, retry_failed=retry_failed)
-        opts.model = opts.model or str(default_model_path())
+        opts.model = str(resolve_model(opts.model))
         summary = run_archive(src, out, opts)
     except MedsrError as exc:
         _fail(exc)
         return
     typer.echo(format_summary(summary))
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app(prog_name="medsr")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -26,6 +26,8 @@ __all__ = [
     "DiffusionConfig",
     "TrainConfig",
     "Config",
+    "SamplingConfig",
+    "sampling_config_from_dict",
     "load_config",
     "config_from_dict",
     "to_dict",
@@ -125,6 +127,62 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class SamplingConfig:
+    """How a trained model is sampled: the one home of these defaults (``medsr enhance``, ``medsr evaluate``,
+    the archive and the model-card study all start from it).
+
+    The defaults (8 samples x 10 DDIM steps) come from the steps/samples study in the model card.
+
+    Attributes:
+        samples: diffusion samples per scan (mean, spread and interval come from them).
+        steps: DDIM steps per sample (``sampler="ddpm"`` runs all training timesteps instead).
+        sampler: "ddim" or "ddpm" (SR3's reference, T steps).
+        seed: same seed, same result, whatever the chunking or batching.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        amp: autocast mode, see :func:`medsr.runtime.resolve_amp`.
+        project: data-consistency projection at every step, where the operator has one.
+        window: sliding-window size in fine voxels; None: the training patch (fastest).
+        overlap: sliding-window overlap, in [0, 1).
+        batch_size: images per network call (samples x slices).
+        keep_samples: keep every sample (``samples.nii.gz``; empirical quantiles).
+        slice_axis: 2D models: the array axis to slice across; None: chosen from the scan.
+    """
+
+    samples: int = 8
+    steps: int = 10
+    sampler: str = "ddim"
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    project: bool = True
+    window: tuple[int, ...] | None = None
+    overlap: float = 0.25
+    batch_size: int = 16
+    keep_samples: bool = False
+    slice_axis: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (isinstance(self.samples, int) and not isinstance(self.samples, bool) and self.samples >= 1,
+             f"samples must be an integer >= 1, got {self.samples!r}"),
+            (isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1,
+             f"steps must be an integer >= 1, got {self.steps!r}"),
+            (self.sampler in ("ddim", "ddpm"), f"sampler must be ddim or ddpm, got {self.sampler!r}"),
+            (self.amp in ("auto", "bf16", "fp16", "none"), f"amp must be auto, bf16, fp16 or none, got {self.amp!r}"),
+            (isinstance(self.overlap, (int, float)) and 0.0 <= float(self.overlap) < 1.0,
+             f"overlap must be in [0, 1), got {self.overlap!r}"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1,
+             f"batch_size must be an integer >= 1, got {self.batch_size!r}"),
+            (self.slice_axis in (None, 0, 1, 2), f"slice_axis must be 0, 1 or 2, got {self.slice_axis!r}"),
+            (self.window is None or all(isinstance(w, int) and w >= 2 for w in self.window),
+             f"window must be integers >= 2, got {self.window!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MedsrError(f"sampling: {message}")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain dict (tuples as lists) for YAML/JSON/checkpoints."""
     def plain(v: Any) -> Any:
@@ -174,6 +232,11 @@ def _build(cls: Any, values: dict[str, Any], where: str = "") -> Any:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build a :class:`Config` from a nested dict, refusing unknown keys and wrong types."""
     return _build(Config, values or {})
+
+
+def sampling_config_from_dict(values: dict[str, Any], where: str = "sampling") -> SamplingConfig:
+    """Build a :class:`SamplingConfig` from a mapping (e.g. a YAML section), with the same typed checks."""
+    return _build(SamplingConfig, values or {}, where)
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

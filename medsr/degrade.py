@@ -37,7 +37,6 @@ __all__ = [
     "rician_noise",
     "low_dose_noise",
     "upsample",
-    "project_consistent",
 ]
 
 KINDS = ("block", "kspace", "lowdose")
@@ -79,6 +78,35 @@ class DegradeSpec:
     def has_projection(self) -> bool:
         """Whether an exact data-consistency projection exists (noise-free linear operator)."""
         return self.kind == "block" and self.sigma == 0.0 or self.kind == "kspace" and self.noise == 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The noise-free forward operator A (fine → coarse): PSF and block average, or k-space truncation.
+
+        The one definition every caller uses: training pairs (plus noise), data-consistency checks of outputs,
+        and evaluation.
+        """
+        _check_shape(x, self.factors)
+        if self.kind == "kspace":
+            return kspace_truncate(x, self.factors)
+        return block_average(psf_blur(x, self.sigma) if self.sigma > 0 else x, self.factors)
+
+    def right_inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """A⁺ with A(A⁺y) = y for the noise-free operators without blur: repeat (block) or zero-fill (k-space)."""
+        if self.kind == "kspace":
+            return kspace_zero_fill(y, self.factors)
+        if self.sigma > 0:
+            raise MedsrError(f"degradation {self}: a blurred block average has no exact right inverse")
+        return block_average_adjoint(y, self.factors)
+
+    def project(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Range/null-space projection (DDNM, Wang et al. 2023): ``x0 + A⁺(y − A x0)``, so ``A(result) = y``.
+
+        Exact for noise-free block averaging and k-space truncation; for operators without an exact projection
+        (noise, blur) ``x0`` is returned unchanged; check :attr:`has_projection`.
+        """
+        if not self.has_projection:
+            return x0
+        return x0 + self.right_inverse(y - self.forward(x0))
 
 
 def parse_spec(text: str | DegradeSpec) -> DegradeSpec:
@@ -124,13 +152,12 @@ def apply_degradation(x: torch.Tensor, params: DegradeParams) -> torch.Tensor:
     spec = params.spec
     _check_shape(x, spec.factors)
     gen = torch.Generator(device=x.device).manual_seed(params.noise_seed)
-    if spec.kind == "block":
-        return block_average(psf_blur(x, spec.sigma) if spec.sigma > 0 else x, spec.factors)
-    if spec.kind == "kspace":
-        y = kspace_truncate(x, spec.factors)
-        return rician_noise(y, spec.noise, gen) if spec.noise > 0 else y
-    y = block_average(x, spec.factors)
-    return low_dose_noise(y, spec.dose, gen, averaged_voxels=int(np.prod(spec.factors)))
+    y = spec.forward(x)
+    if spec.kind == "kspace" and spec.noise > 0:
+        return rician_noise(y, spec.noise, gen)
+    if spec.kind == "lowdose":
+        return low_dose_noise(y, spec.dose, gen, averaged_voxels=int(np.prod(spec.factors)))
+    return y
 
 
 def _check_shape(x: torch.Tensor, factors: Sequence[int]) -> None:
@@ -251,16 +278,3 @@ def upsample(y: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     """
     mode = "bicubic" if y.ndim == 4 else "trilinear"
     return F.interpolate(y, scale_factor=tuple(float(f) for f in factors), mode=mode, align_corners=False)
-
-
-def project_consistent(x0: torch.Tensor, y: torch.Tensor, spec: DegradeSpec) -> torch.Tensor:
-    """Range/null-space projection (DDNM, Wang et al. 2023): ``x0 + A⁺(y − A x0)``, so that ``A(result) = y``.
-
-    Exact for noise-free block averaging (A⁺ = repeat) and k-space truncation (A⁺ = zero-filled spectrum). For
-    operators without an exact projection it returns ``x0`` unchanged; check :attr:`DegradeSpec.has_projection`.
-    """
-    if not spec.has_projection:
-        return x0
-    if spec.kind == "block":
-        return x0 + block_average_adjoint(y - block_average(x0, spec.factors), spec.factors)
-    return x0 + kspace_zero_fill(y - kspace_truncate(x0, spec.factors), spec.factors)

@@ -41,11 +41,8 @@ from medsr import __version__
 from medsr.degrade import (
     DegradeSpec,
     apply_degradation,
-    block_average,
     draw_params,
-    kspace_truncate,
     parse_spec,
-    psf_blur,
     upsample,
 )
 from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan, volume_factors
@@ -130,10 +127,8 @@ def degrade_scan(hr: Scan, spec: DegradeSpec | str, intensity: IntensityConfig |
 
 
 def forward_operator(x: torch.Tensor, spec: DegradeSpec) -> torch.Tensor:
-    """The spec's noise-free linear operator ``A`` (blur + block average, or k-space truncation)."""
-    if spec.kind == "kspace":
-        return kspace_truncate(x, spec.factors)
-    return block_average(psf_blur(x, spec.sigma) if spec.sigma > 0 else x, spec.factors)
+    """The spec's noise-free linear operator ``A`` (see :meth:`DegradeSpec.forward`)."""
+    return spec.forward(x)
 
 
 def needed_scale(truth: np.ndarray, mean: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ class Normaliser:
 
     lo: float
     hi: float
-    kind: str = "window"
+    kind: str  # "ct_window" (fixed HU window) or "percentile" (fitted to this scan)
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
         return (2.0 * (np.asarray(x, np.float32) - self.lo) / (self.hi - self.lo) - 1.0).astype(np.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from medsr.config import Config, ModelConfig, config_from_dict, to_dict
+from medsr.degrade import DegradeSpec, parse_spec
 from medsr.errors import MedsrError
 from medsr.io.paths import atomic_path
 
@@ -105,6 +106,10 @@ class LoadedModel:
     sha256: str
     step: int
     calibration: float = 1.0  # multiplies the sample spread (fitted on a calibration split; 1 = none)
+    degradation: DegradeSpec = field(init=False)  # the forward operator, parsed once from ``config.degrade``
+
+    def __post_init__(self) -> None:
+        self.degradation = parse_spec(self.config.degrade)
 
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
@@ -114,8 +119,6 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         cfg = config_from_dict(ckpt["config"])
     except MedsrError as exc:
         raise MedsrError(f"{path}: stored config is invalid ({exc})") from None
-    from medsr.degrade import parse_spec
-
     if parse_spec(cfg.degrade).spatial_dims != cfg.model.spatial_dims:
         raise MedsrError(f"{path}: degradation {cfg.degrade} does not fit a {cfg.model.spatial_dims}D model")
     net = build_unet(cfg.model)

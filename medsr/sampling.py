@@ -9,28 +9,20 @@ independently sampled patches, so there are no seams. Knows nothing of files or 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
 
-from medsr.config import DiffusionConfig
-from medsr.degrade import DegradeSpec, project_consistent
+from medsr.config import DiffusionConfig, SamplingConfig
+from medsr.degrade import DegradeSpec
 from medsr.diffusion import from_target, make_sampler, to_clean_estimate, to_target
 from medsr.model import denoise
+from medsr.runtime import autocast_context
 
-__all__ = ["sample", "autocast_context", "make_generators"]
+__all__ = ["sample", "make_generators"]
 
-
-def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager[None]:
-    """bf16/fp16 autocast where asked and supported; ``auto`` = bf16 on CUDA (if supported), off on CPU."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+_DEFAULTS = SamplingConfig()
 
 
 def make_generators(seed: int, n: int, device: torch.device) -> list[torch.Generator]:
@@ -53,8 +45,8 @@ def denoise_full(
     cond: torch.Tensor,
     t: int,
     roi_size: Sequence[int] | None,
-    overlap: float = 0.25,
-    sw_batch_size: int = 8,
+    overlap: float = _DEFAULTS.overlap,
+    sw_batch_size: int = _DEFAULTS.batch_size,
     amp: str = "none",
 ) -> torch.Tensor:
     """Network output over the whole image ``(B, 1, *spatial)``: one call if it fits ``roi_size``, else windows."""
@@ -78,14 +70,14 @@ def sample(
     cond: torch.Tensor,
     generators: Sequence[torch.Generator],
     *,
-    sampler: str = "ddim",
-    steps: int = 20,
+    sampler: str = _DEFAULTS.sampler,
+    steps: int = _DEFAULTS.steps,
     lowres: torch.Tensor | None = None,
     spec: DegradeSpec | None = None,
     project: bool = True,
     roi_size: Sequence[int] | None = None,
-    overlap: float = 0.25,
-    sw_batch_size: int = 8,
+    overlap: float = _DEFAULTS.overlap,
+    sw_batch_size: int = _DEFAULTS.batch_size,
     amp: str = "none",
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
@@ -117,7 +109,7 @@ def sample(
         out = denoise_full(net, x, cond, t, roi_size, overlap, sw_batch_size, amp)
         x0 = to_clean_estimate(out, x, t, cfg, alphas)
         if use_projection:
-            img = project_consistent(from_target(x0, cond, cfg), lowres, spec)  # type: ignore[arg-type]
+            img = spec.project(from_target(x0, cond, cfg), lowres)  # type: ignore[union-attr,arg-type]
             x0 = to_target(img, cond, cfg)
         x = torch.cat([sch.step(x0[b:b + 1], t, x[b:b + 1], generator=g)[0] for b, g in enumerate(generators)])
         if on_step is not None:

@@ -13,7 +13,6 @@ import copy
 import csv
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,41 +32,13 @@ from medsr.diffusion import diffusion_loss, make_train_scheduler
 from medsr.errors import MedsrError
 from medsr.io.paths import atomic_path
 from medsr.model import build_unet, checkpoint_payload, load_checkpoint, load_state_strict, save_checkpoint
-from medsr.sampling import autocast_context, make_generators, sample
+from medsr.runtime import autocast_context, dist_info, resolve_amp, resolve_device
+from medsr.sampling import make_generators, sample
 
-__all__ = ["train", "resolve_device", "resolve_amp", "TrainResult"]
+__all__ = ["train", "TrainResult"]
 
 # config sections that define the model; a checkpoint whose sections differ cannot be resumed or used
 MODEL_SECTIONS = ("degrade", "model", "diffusion", "intensity")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MedsrError("device=cuda asked for, but no CUDA device is available")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise MedsrError(f"device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA (fp16 where bf16 is missing) and on CPUs with native bf16, else none."""
-    if amp != "auto":
-        if amp not in ("bf16", "fp16", "none"):
-            raise MedsrError(f"train.amp must be auto, bf16, fp16 or none, got {amp!r}")
-        return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    native = getattr(torch.backends.mkldnn, "is_available", lambda: False)() and _cpu_has_bf16()
-    return "bf16" if native else "none"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @dataclass
@@ -79,11 +50,6 @@ class TrainResult:
     step: int
     losses: list[float]
     val: list[dict[str, float]]
-
-
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
 def _lr_factor(step: int, warmup: int) -> float:
@@ -142,7 +108,8 @@ def validate(ema: torch.nn.Module, cfg: Config, batches: list[dict[str, torch.Te
 
 def train(cfg: Config) -> TrainResult:
     """Train (or resume) the model described by ``cfg``; returns where the results are."""
-    rank, local_rank, world = _dist_info()
+    dist_env = dist_info()
+    rank, local_rank, world = dist_env.rank, dist_env.local_rank, dist_env.world
     distributed = world > 1
     device = resolve_device(cfg.train.device)
     if distributed:

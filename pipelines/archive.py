@@ -50,7 +50,7 @@ from medsr.enhance import EnhanceOptions
 from medsr.errors import MedsrError
 from medsr.io import atomic_path
 from medsr.model import LoadedModel, load_model
-from medsr.train import resolve_device
+from medsr.runtime import resolve_device
 from pipelines.discover import discover
 from pipelines.manifest import Manifest, now, shard_of
 from pipelines.worker import WorkerSettings, init_worker, process

@@ -27,7 +27,7 @@ from medsr.errors import MedsrError
 from medsr.io import Scan, load_scan
 from medsr.model import LoadedModel, load_model
 from medsr.outputs import write_outputs
-from medsr.train import resolve_device
+from medsr.runtime import resolve_device
 
 __all__ = ["WorkerSettings", "init_worker", "process", "categorise", "INPUT_CATEGORIES"]
 

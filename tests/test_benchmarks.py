@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def _run(script: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_train_tiny_prints_throughput_lines() -> None:
     out = _run("bench_train.py", "--device", "cpu")
     assert re.search(r"^machine: cpu=.+, cores=\d+, torch=\S+, threads=1, device=cpu, cuda=none", out, re.M), out
@@ -29,6 +32,7 @@ def test_bench_train_tiny_prints_throughput_lines() -> None:
             assert re.search(pattern, out, re.M), out
 
 
+@pytest.mark.slow
 def test_bench_targets_tiny_prints_the_table() -> None:
     out = _run("bench_targets.py", "--device", "cpu")
     assert re.search(r"^setup: diffusion .*; model .*; 4 steps x 2 patches of 32\^2 on nilearn:mni152", out, re.M)

@@ -9,6 +9,7 @@ import torch
 
 from medsr.degrade import (
     DegradeParams,
+    DegradeSpec,
     apply_degradation,
     block_average,
     block_average_adjoint,
@@ -16,7 +17,6 @@ from medsr.degrade import (
     kspace_truncate,
     kspace_zero_fill,
     parse_spec,
-    project_consistent,
     upsample,
 )
 from medsr.errors import MedsrError
@@ -110,11 +110,11 @@ def test_projection_makes_2d_estimate_consistent(spec: str, ct_slice: torch.Tens
     x = ct_slice.double()
     y = apply_degradation(x, draw_params(s, np.random.default_rng(0)))
     guess = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    fixed = project_consistent(guess, y, s)
+    fixed = s.project(guess, y)
     tol = {"atol": 1e-6, "rtol": 1e-5} if s.kind == "kspace" else {}  # k-space FFTs run in float32
     torch.testing.assert_close(apply_degradation(fixed, draw_params(s, np.random.default_rng(0))), y, **tol)
     # a consistent image is left alone
-    torch.testing.assert_close(project_consistent(fixed, y, s), fixed, **tol)
+    torch.testing.assert_close(s.project(fixed, y), fixed, **tol)
 
 
 @pytest.mark.parametrize("spec", ["block:1x1x4", "kspace:1x1x4", "kspace:2x2x2"])
@@ -124,7 +124,7 @@ def test_projection_makes_3d_estimate_consistent(spec: str, mr_block: torch.Tens
     y = apply_degradation(x, draw_params(s, np.random.default_rng(0)))
     guess = upsample(y, s.factors) + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2),
                                                         dtype=torch.float64)
-    fixed = project_consistent(guess, y, s)
+    fixed = s.project(guess, y)
     tol = {"atol": 1e-6, "rtol": 1e-5} if s.kind == "kspace" else {}
     torch.testing.assert_close(apply_degradation(fixed, draw_params(s, np.random.default_rng(0))), y, **tol)
     assert (fixed - x).abs().mean() < (guess - x).abs().mean()  # projecting onto the truth's set helps
@@ -135,7 +135,7 @@ def test_no_projection_for_noisy_or_blurred_operators() -> None:
         s = parse_spec(text)
         assert not s.has_projection
         x0 = torch.rand(1, 1, 16, 16)
-        assert project_consistent(x0, torch.zeros(1, 1, 4, 4), s) is x0
+        assert s.project(x0, torch.zeros(1, 1, 4, 4)) is x0
 
 
 # --- reproducibility -------------------------------------------------------------------------------------
@@ -241,3 +241,24 @@ def test_upsample_matches_refined_affine(factors: tuple[int, int, int]) -> None:
     blocks = err.reshape(err.shape[0] // factors[0], factors[0], err.shape[1] // factors[1], factors[1], 1)
     np.testing.assert_allclose(blocks.mean(axis=(1, 3)), 0.0, atol=1e-9)
     assert np.abs(err).max() < 0.5 * np.abs(err_wrong).max()
+
+
+# --- the operator object: one forward operator for pairs, projection and consistency checks ------------------
+
+@pytest.mark.parametrize("text", ["block:4x4", "block:2x2,sigma=1.0", "kspace:4x4", "lowdose:2x2,dose=0.25"])
+def test_forward_is_the_noise_free_part_of_the_degradation(text: str, ct_slice: torch.Tensor) -> None:
+    s = parse_spec(text)
+    x = ct_slice.double()
+    clean = DegradeSpec(s.kind, s.factors, s.sigma, 0.0, 1.0)  # same operator without noise
+    torch.testing.assert_close(apply_degradation(x, draw_params(clean, np.random.default_rng(0))), s.forward(x))
+    if s.sigma > 0:  # the blur is part of A: a plain block average is a different operator
+        assert float((s.forward(x) - block_average(x, s.factors)).abs().max()) > 1e-3
+
+
+def test_right_inverse_exists_only_where_exact(ct_slice: torch.Tensor) -> None:
+    for text in ("block:4x4", "kspace:4x4"):
+        s = parse_spec(text)
+        y = s.forward(ct_slice.double())
+        torch.testing.assert_close(s.forward(s.right_inverse(y)), y, atol=1e-6, rtol=1e-5)
+    with pytest.raises(MedsrError, match="no exact right inverse"):
+        parse_spec("block:2x2,sigma=1").right_inverse(torch.zeros(1, 1, 4, 4))

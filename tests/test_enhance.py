@@ -9,7 +9,7 @@ import pytest
 import torch
 from enhance_fixtures import anatomical, ct_small, fine_centres, tiny_model
 
-from medsr.degrade import block_average, parse_spec
+from medsr.degrade import block_average, parse_spec, psf_blur
 from medsr.enhance import EnhanceOptions, EnhanceResult, choose_slice_axis, enhance_scan, volume_factors
 from medsr.errors import MedsrError
 from medsr.io import Scan, refined_affine
@@ -158,6 +158,23 @@ def test_ct_slice_without_projection_is_not_consistent(model: LoadedModel) -> No
     assert off.consistency["mean_abs_error"] > 100 * max(on.consistency["mean_abs_error"], 1e-3)
 
 
+def test_consistency_uses_the_models_operator_with_its_blur(tmp_path: Path) -> None:
+    """report.json's data-consistency figure degrades the mean with the model's own operator (PSF included)."""
+    m = tiny_model(tmp_path / "blur.pt", "block:2x2,sigma=1.0")
+    ct = ct_small()
+    r = enhance_scan(ct, m, EnhanceOptions(samples=1, steps=1, device="cpu", amp="none"))
+    lo, hi = r.info["normaliser"]["lo"], r.info["normaliser"]["hi"]
+
+    def normalised(a: np.ndarray) -> torch.Tensor:
+        return (2.0 * (torch.from_numpy(a[0, :, :, 0]).double() - lo) / (hi - lo) - 1.0)[None, None]
+
+    mean, low = normalised(r.mean.array), normalised(ct.array)
+    with_blur = float((block_average(psf_blur(mean, 1.0), (2, 2)) - low).abs().mean()) * 0.5 * (hi - lo)
+    without_blur = float((block_average(mean, (2, 2)) - low).abs().mean()) * 0.5 * (hi - lo)
+    assert abs(with_blur - without_blur) > 0.05 * with_blur  # the two operators differ measurably on this scan
+    assert r.consistency["mean_abs_error"] == pytest.approx(with_blur, rel=1e-3)
+
+
 def test_single_sample_gives_zero_spread_and_a_normal_interval(model: LoadedModel, small: Scan) -> None:
     r = enhance_scan(small, model, EnhanceOptions(samples=1, steps=2))
     assert r.interval_method == "normal"
@@ -185,7 +202,7 @@ def test_3d_model(tmp_path: Path, t1: Scan) -> None:
 
 
 def test_bad_options_and_inputs(model: LoadedModel, small: Scan) -> None:
-    with pytest.raises(MedsrError, match="samples must be >= 1"):
+    with pytest.raises(MedsrError, match="samples must be an integer >= 1"):
         enhance_scan(small, model, EnhanceOptions(samples=0))
     tiny = Scan(np.ones((1, 1, 3, 1), np.float32), np.eye(4), modality="CT", source="tiny.nii.gz")
     with pytest.raises(MedsrError, match="too small"):

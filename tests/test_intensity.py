@@ -75,6 +75,6 @@ def test_unknown_modality_uses_percentiles_and_constant_image_stays_invertible()
 
 
 def test_scale_std_has_no_offset() -> None:
-    norm = Normaliser(-1024.0, 1024.0)
+    norm = Normaliser(-1024.0, 1024.0, "ct_window")
     np.testing.assert_allclose(norm.scale_std(np.array([0.01, 1.0])), [10.24, 1024.0], rtol=1e-6)
-    assert norm.to_dict() == {"lo": -1024.0, "hi": 1024.0, "kind": "window"}
+    assert norm.to_dict() == {"lo": -1024.0, "hi": 1024.0, "kind": "ct_window"}

@@ -18,6 +18,7 @@ from typer.testing import CliRunner, Result
 
 import medsr.cli
 import medsr.outputs
+import medsr.runtime
 from medsr.enhance import EnhanceOptions, enhance_scan
 from medsr.io import load_scan, refined_affine, save_nifti
 from medsr.io.refs import resolve_ref
@@ -220,22 +221,28 @@ def test_review_shows_the_slice_axis_used(ckpt: Path, tmp_path: Path, monkeypatc
 # --- errors ------------------------------------------------------------------------------------------------------
 
 def test_without_model_the_default_is_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(medsr.cli, "DEFAULT_MODEL", tmp_path / "weights" / "default_x4.pt")
+    monkeypatch.setattr(medsr.runtime, "WEIGHTS_DIR", tmp_path / "weights")
     res = enhance(DICOM_REF, "--out", str(tmp_path / "out"), *FAST)
     assert res.exit_code == 2
-    assert "no default model" in res.stderr and "--model" in res.stderr
+    assert "shipped model 'default' is missing" in res.stderr and "--model" in res.stderr
     assert "Traceback" not in res.output
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not medsr.cli.DEFAULT_MODEL.is_file(), reason="no default model shipped in medsr/weights yet")
+def test_unknown_model_name_is_a_clear_error(tmp_path: Path) -> None:
+    res = enhance(DICOM_REF, "--out", str(tmp_path / "out"), "--model", "no_such_model", *FAST)
+    assert res.exit_code == 2
+    assert "no_such_model" in res.stderr and "Traceback" not in res.output
+
+
 def test_without_model_the_shipped_default_is_used(tmp_path: Path) -> None:
     res = enhance(str(resolve_ref("pydicom:MR_small.dcm")), "--out", str(tmp_path), "--samples", "1", "--steps", "1",
                   "--device", "cpu", "--amp", "none")
     assert res.exit_code == 0, res.output
     rep = report(tmp_path / "MR_small")
-    assert Path(rep["model"]["path"]).resolve() == medsr.cli.DEFAULT_MODEL.resolve()
-    assert rep["model"]["sha256"] == file_sha256(medsr.cli.DEFAULT_MODEL)
+    shipped = medsr.runtime.shipped_model_path()
+    assert Path(rep["model"]["path"]).resolve() == shipped.resolve()
+    assert rep["model"]["sha256"] == file_sha256(shipped)
 
 
 def test_missing_input_names_the_file(ckpt: Path, tmp_path: Path) -> None:
