@@ -46,11 +46,11 @@ from medsr.evaluate import Degraded, degrade_scan
 from medsr.io.refs import load_ref
 from medsr.io.scan import Scan
 from medsr.model import LoadedModel, load_model, write_untrained_checkpoint
-from medsr.runtime import resolve_device
+from medsr.runtime import DEFAULT_MODEL_NAME, resolve_device, shipped_model
 from medsr.sampling import sample
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "medsr" / "weights" / "default_x4.pt"
+SHIPPED = shipped_model(DEFAULT_MODEL_NAME).path
 TINY_MODEL = ["model.channels=[8,16]", "model.attention_levels=[false,false]", "model.num_head_channels=8",
               "model.norm_num_groups=4", "data.patch_size=[16,16]", "diffusion.prediction=v_prediction",
               "diffusion.num_train_timesteps=100"]

@@ -28,6 +28,7 @@ def test_notebook_stored_without_outputs(name: str) -> None:
     assert code and all(not c.outputs and c.execution_count is None for c in code), "clear outputs before committing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name: str, tmp_path: Path) -> None:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)

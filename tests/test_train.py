@@ -237,6 +237,7 @@ def test_foreign_files_are_refused(tmp_path: Path) -> None:
 
 # --- (d) DDP under torchrun (gloo, CPU) -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     overrides = [*TINY, "data.train=[nilearn:mni152]", "data.val=[]", "data.patch_size=[32,32]",
@@ -259,6 +260,7 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path: Path) -
 
 # --- (e) a short real training improves validation PSNR -------------------------------------------------
 
+@pytest.mark.slow
 def test_short_real_training_improves_validation_psnr(tmp_path: Path) -> None:
     """MNI152 slices for training, a held-out real T1 (nibabel's anatomical.nii) for validation, x4 in-plane.
 
