@@ -105,7 +105,11 @@ class ShippedModel:
 
     name: str
     filename: str
-    task: str
+    task: str  # "inplane", "throughplane" or "denoise"
+    factors: tuple[int, ...]  # the model's degradation factors (in-plane (4, 4); through-plane (1, 4))
+    description: str
+    modalities: tuple[str, ...] = ("CT", "MR")
+    auto: bool = True  # may ``--model auto`` choose it from a scan's geometry (never for denoising)
     card: str = "MODEL_CARD.md"
 
     @property
@@ -115,7 +119,8 @@ class ShippedModel:
 
 DEFAULT_MODEL_NAME = "default"
 SHIPPED_MODELS: dict[str, ShippedModel] = {
-    "default": ShippedModel("default", "default_x4.pt", "2D x4 in-plane super-resolution, brain MRI and head CT"),
+    "default": ShippedModel("default", "default_x4.pt", "inplane", (4, 4),
+                            "2D x4 in-plane super-resolution, brain MRI and head CT"),
 }
 
 

@@ -1,0 +1,85 @@
+"""Which shipped model fits a scan, from its geometry alone, and why (``medsr enhance --model auto``).
+
+The rules (stated so that a user can predict them):
+- one axis coarser than both others by at least :data:`THICK_RATIO` → a *through-plane* model along that axis,
+  by the shipped factor nearest to ``spacing[thick] / min(spacing of the other two)`` (so the output is as fine
+  as the scan's finest axis); if no through-plane model is shipped, the in-plane model, said so;
+- a 2D slice (a singleton axis), two coarse axes, or a DICOM image plane → the *in-plane* model in that plane;
+- isotropic → the in-plane model on axial slices (the last array axis).
+Denoising models are never chosen automatically: nothing in a scan's geometry says it is low-dose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from medsr.errors import MedsrError
+from medsr.runtime import SHIPPED_MODELS, ShippedModel
+
+__all__ = ["THICK_RATIO", "ModelChoice", "choose_model"]
+
+THICK_RATIO = 1.5  # one axis at least this much coarser than both others counts as thick slices
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model to run, the array axis it works across, and a sentence a user can read."""
+
+    name: str
+    task: str  # "inplane" or "throughplane"
+    axis: int  # in-plane: the slice axis (the plane is the other two); through-plane: the thick axis
+    factor: int  # through-plane: the refinement along ``axis``; in-plane: the model's in-plane factor
+    reason: str
+
+
+def _by_task(registry: Mapping[str, ShippedModel], task: str) -> list[ShippedModel]:
+    return [m for m in registry.values() if m.task == task and m.auto]
+
+
+def choose_model(spacing: Sequence[float], shape: Sequence[int], acquisition_axis: int | None = None,
+                 registry: Mapping[str, ShippedModel] | None = None) -> ModelChoice:
+    """Pick a shipped model for a scan of voxel ``spacing`` (mm) and ``shape``; see the module docstring.
+
+    ``acquisition_axis`` is the array axis normal to a DICOM image plane (None for NIfTI).
+    """
+    models = SHIPPED_MODELS if registry is None else registry
+    sp = np.asarray(spacing, np.float64)
+    inplane = _by_task(models, "inplane")
+    if not inplane:
+        raise MedsrError("no in-plane model is shipped; pass --model NAME or PATH")
+    inp = inplane[0]
+
+    def in_plane(axis: int, why: str) -> ModelChoice:
+        return ModelChoice(inp.name, "inplane", axis, inp.factors[0], why)
+
+    singleton = [a for a in range(3) if int(shape[a]) == 1]
+    if singleton:
+        return in_plane(singleton[-1], f"a 2D image: in-plane model {inp.name!r} on its plane")
+    order = np.argsort(sp)
+    finest, middle, coarsest = (int(a) for a in order)
+    if sp[coarsest] >= THICK_RATIO * sp[middle]:
+        ratio = sp[coarsest] / sp[finest]
+        through = sorted(_by_task(models, "throughplane"), key=lambda m: (abs(m.factors[-1] - ratio), m.factors[-1]))
+        spacing_text = "x".join(f"{v:g}" for v in sp)
+        if not through:
+            return in_plane(acquisition_axis if acquisition_axis is not None else coarsest,
+                            f"thick slices along axis {coarsest} ({spacing_text} mm) but no through-plane model is "
+                            f"shipped: in-plane model {inp.name!r} on the acquired planes")
+        best = through[0]
+        factor = int(best.factors[-1])
+        exact = abs(factor - ratio) < 0.25
+        why = (f"thick slices along axis {coarsest} ({spacing_text} mm, {ratio:.2f}x the finest axis): "
+               f"through-plane model {best.name!r} x{factor}")
+        if not exact:
+            offered = ", ".join(f"x{m.factors[-1]}" for m in through)
+            why += (f" (nearest of the shipped factors {offered} to {ratio:.2f}; "
+                    f"output spacing {sp[coarsest] / factor:g} mm)")
+        return ModelChoice(best.name, "throughplane", coarsest, factor, why)
+    if acquisition_axis is not None:
+        return in_plane(acquisition_axis, f"DICOM image plane: in-plane model {inp.name!r} on the acquired planes")
+    if sp[middle] >= THICK_RATIO * sp[finest]:  # two coarse axes: enhance the plane they span
+        return in_plane(finest, f"two coarse axes: in-plane model {inp.name!r} on the plane they span")
+    return in_plane(2, f"near-isotropic voxels: in-plane model {inp.name!r} on axial slices")
