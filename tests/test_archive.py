@@ -295,6 +295,7 @@ app()
 """
 
 
+@pytest.mark.slow  # several processes; tens of seconds on a 2-core machine
 def test_kill_9_mid_run_then_restart_finishes_once(archive: Path, tiny_model: Path, tmp_path: Path,
                                                    source_hash: dict[str, str]) -> None:
     """Killed with -9 while an item runs, right after the first one is done (a wrapper holds the second item
@@ -356,6 +357,7 @@ def test_damaged_copy_never_takes_the_good_series_down(tmp_path: Path, tiny_mode
     assert states["file:backup/ct.dcm"] == ("skipped", "truncated or damaged DICOM")
 
 
+@pytest.mark.slow  # several processes; tens of seconds on a 2-core machine
 def test_two_workers_same_outputs(first_run: tuple[Path, dict], archive: Path, tiny_model: Path, tmp_path: Path,
                                   source_hash: dict[str, str]) -> None:
     dst = tmp_path / "dst"
@@ -371,6 +373,7 @@ def test_two_workers_same_outputs(first_run: tuple[Path, dict], archive: Path, t
     assert tree_hash(archive) == source_hash
 
 
+@pytest.mark.slow  # several processes; tens of seconds on a 2-core machine
 def test_torchrun_ranks_split_the_work(archive: Path, tiny_model: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank r takes the items whose key is r modulo the world size; one discovery per torchrun launch."""
@@ -406,6 +409,7 @@ print(json.dumps(got))
 """
 
 
+@pytest.mark.slow  # several processes; tens of seconds on a 2-core machine
 def test_concurrent_claims_never_duplicate_work(tmp_path: Path) -> None:
     """Three processes race to claim the same 60 items of one manifest: each item goes to exactly one."""
     manifest = Manifest(tmp_path / "manifest.sqlite")
