@@ -14,6 +14,7 @@ import pytest
 from enhance_fixtures import tiny_model
 from iodata import DICOMDIR_TESTS, NIBABEL_DATA, datafile, write_ct_series
 from pydicom.encaps import encapsulate
+from pydicom.uid import UID
 
 from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan
 from medsr.errors import Category
@@ -71,7 +72,7 @@ def test_undecodable_copy_gives_way_to_a_decodable_one(tmp_path: Path) -> None:
     good.parent.mkdir()
     shutil.copy(datafile("CT_small.dcm"), good)
     ds = pydicom.dcmread(good)  # same SOPInstanceUID, re-stored as MPEG2, for which no decoder is installed
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")
     ds.PixelData = encapsulate([ds.PixelData])
     ds["PixelData"].VR = "OB"
     (tmp_path / "a").mkdir()
