@@ -42,17 +42,17 @@ def check_voxels(array: np.ndarray, where: str | os.PathLike[str]) -> None:
         raise MedsrError(f"{where}: {bad} voxels are NaN or Inf", Category.NON_FINITE)
 
 
-def _read(path: Path, headers_only: bool) -> Dataset:
+def _read(path: Path) -> Dataset:
     """Read one file; files without the 128-byte preamble are accepted when they look like DICOM."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=headers_only)
+        return pydicom.dcmread(path)
     except InvalidDicomError:
         pass
     except Exception as exc:  # pydicom raises many types on truncated files
         problem = f"unreadable DICOM file, truncated or corrupted ({type(exc).__name__})"
         raise MedsrError(f"{path}: {problem}", Category.DAMAGED) from None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=headers_only, force=True)
+        ds = pydicom.dcmread(path, force=True)
     except Exception:
         ds = None
     if ds is None or "SOPClassUID" not in ds:
@@ -275,7 +275,7 @@ def _decoded(candidates: Sequence[Path]) -> tuple[Path, Dataset, list[_Frame], f
     first: MedsrError | None = None
     for path in candidates:
         try:
-            ds = _read(path, headers_only=False)
+            ds = _read(path)
             if ds.get("SOPClassUID", "") == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
                 raise MedsrError(f"{path}: a DICOMDIR index, not an image; give the folder holding the series",
                                  Category.NOT_IMAGE)
