@@ -44,7 +44,7 @@ from medsr.degrade import parse_spec, upsample
 from medsr.enhance import EnhanceOptions, enhance_scan
 from medsr.evaluate import Degraded, degrade_scan
 from medsr.io.refs import load_ref
-from medsr.io.scan import Scan
+from medsr.io.scan import Scan, crop_scan
 from medsr.model import LoadedModel, load_model, write_untrained_checkpoint
 from medsr.runtime import DEFAULT_MODEL_NAME, resolve_device, shipped_model
 from medsr.sampling import sample
@@ -91,12 +91,8 @@ def random_checkpoint(path: Path, tiny: bool) -> Path:
 
 
 def centre_crop(scan: Scan, size: int) -> Scan:
-    shape = scan.spatial_shape
-    sl = [slice(max(0, (s - size) // 2), max(0, (s - size) // 2) + min(s, size)) if s > 1 else slice(None)
-          for s in shape]
-    affine = scan.affine.copy()
-    affine[:3, 3] += affine[:3, :3] @ np.array([s.start or 0 for s in sl], dtype=np.float64)
-    return scan.with_array(scan.array[(slice(None), *sl)], affine)
+    keep = [min(s, size) for s in scan.spatial_shape]
+    return crop_scan(scan, [(s - k) // 2 for s, k in zip(scan.spatial_shape, keep)], keep)
 
 
 def psnr(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -51,7 +51,9 @@ class EnhanceResult:
 
 
 def choose_slice_axis(scan: Scan) -> int:
-    """The axis a 2D model slices across: a singleton axis, else the one of largest spacing (thick slices).
+    """The axis a 2D model slices across: a singleton axis, else the acquisition axis where the file gives one
+    (DICOM: the model works in the plane the images were acquired in, even when its pixels are coarser than
+    the slice spacing), else the one of largest spacing (thick slices).
 
     Spacings equal to within 0.1% count as equal (they often differ by float noise), and ties go to the last
     axis, Z: an isotropic volume is sliced axially, as 2D models are trained, not along X by accident.
@@ -60,6 +62,8 @@ def choose_slice_axis(scan: Scan) -> int:
     singleton = [a for a in range(3) if shape[a] == 1]
     if singleton:
         return singleton[-1]
+    if scan.acquisition_axis is not None:
+        return int(scan.acquisition_axis)
     spacing = np.asarray(scan.spacing)
     return int(np.flatnonzero(spacing >= spacing.max() * (1 - 1e-3))[-1])
 

@@ -49,38 +49,16 @@ from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan, volum
 from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig, Normaliser, fit_normaliser
 from medsr.io.paths import atomic_path, sanitize_component
-from medsr.io.scan import Scan
+from medsr.io.scan import Scan, coarse_affine, crop_to_factors
 from medsr.model import LoadedModel
 
-__all__ = ["coarse_affine", "crop_to_factors", "Degraded", "degrade_scan", "fit_spread_calibration",
+__all__ = ["Degraded", "degrade_scan", "fit_spread_calibration",
            "ScanEvaluation", "Evaluation", "evaluate_scans", "write_evaluation", "format_table", "METHODS"]
 
 METHODS = ("interpolation", "sample", "mean")
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # central intervals of the calibration curve
 DATA_RANGE = 2.0  # normalised units: the normaliser maps its range onto [-1, 1]
 PATCH = 8  # in-plane patch size for the std-error rank correlation
-
-
-def coarse_affine(fine_affine: np.ndarray, factors: Sequence[int]) -> np.ndarray:
-    """Inverse of :func:`medsr.io.refined_affine`: the grid whose voxel i is the block ``f*i .. f*i+f-1``."""
-    f = np.asarray([int(v) for v in factors], dtype=np.float64)
-    scale = np.eye(4)
-    scale[:3, :3] = np.diag(1.0 / f)
-    scale[:3, 3] = -(f - 1.0) / (2.0 * f)
-    return np.asarray(fine_affine, dtype=np.float64) @ np.linalg.inv(scale)
-
-
-def crop_to_factors(scan: Scan, factors: Sequence[int]) -> Scan:
-    """Centred crop so that each axis divides by its factor; the affine follows the crop."""
-    shape = scan.spatial_shape
-    keep = [s - s % int(f) for s, f in zip(shape, factors)]
-    if any(k == 0 for k in keep):
-        raise MedsrError(f"{scan.source}: shape {shape} is smaller than the factors {tuple(factors)}")
-    start = [(s - k) // 2 for s, k in zip(shape, keep)]
-    array = scan.array[(slice(None), *(slice(a, a + k) for a, k in zip(start, keep)))]
-    affine = np.asarray(scan.affine, np.float64).copy()
-    affine[:3, 3] = affine[:3, :3] @ np.asarray(start, np.float64) + affine[:3, 3]
-    return scan.with_array(array, affine)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Find the work in an archive: every NIfTI file and every DICOM series under a folder, from headers only.
 
 DICOM files are grouped by SeriesInstanceUID wherever they sit: a series split across folders is one item, two
-series in one folder are two items. Headers are read with ``stop_before_pixels``, so discovery is quick even on
-large archives. Files that are not DICOM (text, images, ...) are ignored; files that look like DICOM but cannot be
-parsed become skipped items, as do non-image objects (SR, RTSTRUCT: no pixel data), localisers and 4D NIfTI.
+series in one folder are two items. DICOM headers are read by :func:`medsr.io.survey` (no pixel data), so discovery
+is quick even on large archives. Files that are not DICOM (text, images, ...) are ignored; damaged DICOM files
+(header or pixel data cut short) become skipped items of their own, as do non-image objects (SR, RTSTRUCT: no pixel
+data), localisers and 4D NIfTI. Copies of one SOP instance count once (the first readable copy in path order), so a
+damaged or duplicated copy never takes a good series down.
 
 Output folders mirror the input tree: ``a/b/scan.nii.gz`` -> ``a/b/scan``; a single-file DICOM ``a/b/img.dcm`` ->
 ``a/b/img``; a multi-file series -> the folder holding it (``a/b/series_dir``), or, when that folder holds other
@@ -19,14 +21,10 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import nibabel as nib
-import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, MediaStorageDirectoryStorage
 
-from medsr.io import sanitize_component
+from medsr.io import DicomHeader, DicomSurvey, sanitize_component, survey
 
 __all__ = ["Item", "discover", "item_key"]
 
@@ -72,20 +70,6 @@ class Item:
         return item_key(self.id)
 
 
-@dataclass
-class _Header:
-    """What discovery keeps of one DICOM file (never patient data)."""
-
-    rel: str
-    uid: str = ""
-    number: int | None = None
-    image: bool = False
-    localizer: bool = False
-    sop: str = "unknown SOP class"
-    modality: str = ""
-    damaged: bool = False
-
-
 def walk(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Files under ``root`` in sorted order; hidden files/folders and the ``exclude`` folders are left out."""
     excluded = {p.resolve() for p in exclude}
@@ -95,49 +79,6 @@ def walk(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[Path]:
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield here / name
-
-
-def _has_dicm_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def read_header(path: Path, rel: str) -> _Header | None:
-    """Classify one file from its header; None for anything that is not DICOM (or is a DICOMDIR index)."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError:  # no preamble: accept it only if it parses and names a SOP class
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        except Exception:
-            return None
-        if "SOPClassUID" not in ds:
-            return None
-    except Exception:  # pydicom raises many types on damaged files
-        return _Header(rel, damaged=True) if _has_dicm_magic(path) else None
-    meta = getattr(ds, "file_meta", None)
-    sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
-    if sop == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
-        return None
-    image_type = ds.get("ImageType", [])
-    image_type = [image_type] if isinstance(image_type, str) else list(image_type or [])
-    head = _Header(rel, uid=str(ds.get("SeriesInstanceUID", "") or ""), number=_int_or_none(ds.get("SeriesNumber")),
-                   image="Rows" in ds, localizer="LOCALIZER" in [str(v).upper() for v in image_type],
-                   sop=UID(sop).name if sop else "unknown SOP class", modality=str(ds.get("Modality", "") or ""))
-    # pydicom stops quietly where a file is cut: an image object without Rows is damaged, not a non-image object
-    head.damaged = not head.image and ("SOPClassUID" not in ds or "Image" in head.sop)
-    return head
 
 
 def _nifti_stem(name: str) -> str:
@@ -165,32 +106,30 @@ def _clean(parts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(sanitize_component(p) for p in parts)
 
 
-def _dicom_items(headers: list[_Header]) -> list[Item]:
-    groups: dict[str, list[_Header]] = defaultdict(list)
+def _dicom_items(found: DicomSurvey, root: Path) -> list[Item]:
+    def rel(h: DicomHeader) -> str:
+        return h.path.relative_to(root).as_posix()
+
     items = []
-    for h in headers:
-        if h.damaged:
-            reason = f"{h.sop}: DICOM header cut short or unreadable; the file is truncated or damaged"
-            items.append(Item(f"file:{h.rel}", "file", [h.rel], state="skipped",
-                              category="truncated or damaged DICOM", reason=reason))
-        else:
-            groups[h.uid or f"file:{h.rel}"].append(h)
-    for key, members in groups.items():
-        uid = members[0].uid
-        item = Item(f"dicom:{key}", "dicom", sorted(h.rel for h in members), series_uid=uid,
-                    series_number=members[0].number)
-        images = [h for h in members if h.image]
+    for h in found.damaged:
+        items.append(Item(f"file:{rel(h)}", "file", [rel(h)], state="skipped", category="truncated or damaged DICOM",
+                          reason=h.problem))
+    for series in found.series:
+        key = series.key if series.uid else f"file:{rel(series.files[0])}"
+        item = Item(f"dicom:{key}", "dicom", sorted(rel(h) for h in series.files), series_uid=series.uid,
+                    series_number=series.number)
+        images = series.images
         usable = [h for h in images if not h.localizer]
         if not images:
-            sops = ", ".join(sorted({h.sop for h in members}))
-            modality = members[0].modality or "unknown"
+            sops = ", ".join(sorted({h.sop_class for h in series.files}))
             item.state, item.category = "skipped", "non-image DICOM"
-            item.reason = f"no image pixel data ({sops}, modality {modality}); medsr reads image objects only"
+            item.reason = (f"no image pixel data ({sops}, modality {series.modality or 'unknown'}); "
+                           "medsr reads image objects only")
         elif not usable:
             item.state, item.category = "skipped", "localizer"
             item.reason = "localizer (scout) images: ImageType contains LOCALIZER"
         else:
-            item.sources = sorted(h.rel for h in usable)
+            item.sources = sorted(rel(h) for h in usable)
         items.append(item)
     return items
 
@@ -230,15 +169,12 @@ def discover(root: str | os.PathLike[str], exclude: tuple[Path, ...] = ()) -> li
     """
     root = Path(root)
     items: list[Item] = []
-    headers: list[_Header] = []
+    others: list[Path] = []
     for path in walk(root, exclude):
-        rel = path.relative_to(root).as_posix()
         if path.name.lower().endswith(_NIFTI_SUFFIXES):
-            items.append(_nifti_item(path, rel))
-            continue
-        head = read_header(path, rel)
-        if head is not None:
-            headers.append(head)
-    items += _dicom_items(headers)
+            items.append(_nifti_item(path, path.relative_to(root).as_posix()))
+        else:
+            others.append(path)
+    items += _dicom_items(survey(others), root)
     _place_series(items)
     return sorted(items, key=lambda it: it.id)

@@ -9,7 +9,6 @@ manifest; the main process of the rank records what comes back.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import time
@@ -17,48 +16,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import torch
-from pydicom.multival import MultiValue
 
 from medsr.degrade import parse_spec
 from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan
-from medsr.errors import MedsrError
-from medsr.io import Scan, load_scan
+from medsr.errors import Category, MedsrError
+from medsr.io import Scan, load_dicom_files, load_scan, patient_identifiers
 from medsr.model import LoadedModel, load_model
 from medsr.outputs import write_outputs
 from medsr.runtime import resolve_device
 
-__all__ = ["WorkerSettings", "init_worker", "process", "categorise", "INPUT_CATEGORIES"]
+__all__ = ["WorkerSettings", "init_worker", "process", "categorise", "CATEGORY_LABELS"]
 
-# (pattern in a MedsrError message, category); first match wins. Messages name the file and the problem only.
-_CATEGORIES = [
-    (r"no image pixel data", "non-image DICOM"),
-    (r"truncated|less than expected", "truncated or damaged DICOM"),
-    (r"cannot decode pixel data", "undecodable pixel data"),
-    (r"4D image", "4D image"),
-    (r"NaN or Inf", "NaN/Inf voxels"),
-    (r"empty image", "empty image"),
-    (r"too small", "too small"),
-    (r"DICOMDIR", "DICOMDIR"),
-    (r"not a readable NIfTI|not a DICOM file|no DICOM image files|no such file", "unreadable file"),
-    (r"share a position|missing after slice|uneven slice spacing|mixed slice orientations|not stacked|"
-     r"mixed PixelSpacing|differ in|lack ImagePositionPatient|cannot place the slice|zero-length direction",
-     "irregular geometry"),
-    (r"multi-frame files|expected a 2D or 3D", "unsupported layout"),
-]
-INPUT_CATEGORIES = {c for _, c in _CATEGORIES} | {"localizer"}
-_PATIENT_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
-                     "PatientAddress", "PatientTelephoneNumbers", "IssuerOfPatientID", "AccessionNumber",
-                     "ReferringPhysicianName", "PatientMotherBirthName", "MedicalRecordLocator")
+# MedsrError category -> the archive's short reason (the failures-by-reason table groups on it). Every input
+# category means the item cannot be enhanced (skipped); Category.INVALID is not about the input (a failure).
+CATEGORY_LABELS = {
+    Category.NOT_FOUND: "unreadable file",
+    Category.UNREADABLE: "unreadable file",
+    Category.DAMAGED: "truncated or damaged DICOM",
+    Category.NOT_IMAGE: "non-image DICOM",
+    Category.UNDECODABLE: "undecodable pixel data",
+    Category.GEOMETRY: "irregular geometry",
+    Category.UNSUPPORTED: "unsupported layout",
+    Category.EMPTY: "empty image",
+    Category.NON_FINITE: "NaN/Inf voxels",
+    Category.TOO_SMALL: "too small",
+}
 
 
-def categorise(message: str) -> str:
-    """A short category for a MedsrError message (the failures-by-reason table groups on it)."""
-    for pattern, category in _CATEGORIES:
-        if re.search(pattern, message):
-            return category
-    return "unusable input"
+def categorise(error: MedsrError) -> str:
+    """The archive's short reason for an error about the input; "" when the error is not about the input."""
+    return CATEGORY_LABELS.get(error.category, "")
 
 
 @dataclass
@@ -94,20 +82,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def _load(task: dict[str, Any], staging: Path) -> Scan:
-    """The item as a Scan. A multi-file series is read through a folder of links to exactly its files."""
+def _load(task: dict[str, Any]) -> Scan:
+    """The item as a Scan: a NIfTI file, or exactly the DICOM files discovery gave it."""
     root = Path(task["root"])
     sources = [root / rel for rel in task["sources"]]
-    if task["kind"] != "dicom" or len(sources) == 1:
+    if task["kind"] != "dicom":
         return load_scan(sources[0])
-    links = staging / "input"
-    links.mkdir(parents=True)
-    try:
-        for i, src in enumerate(sources):
-            os.symlink(src, links / f"{i:06d}.dcm")
-    except OSError:  # no symlinks here: read the common folder, picking the series by UID
-        return load_scan(os.path.commonpath(sources), series_uid=task["series_uid"])
-    return load_scan(links, series_uid=task["series_uid"] or None)
+    return load_dicom_files(sources, series_uid=task["series_uid"] or None)
 
 
 def _too_small(scan: Scan, model: LoadedModel, min_size: int) -> str:
@@ -124,30 +105,13 @@ def _too_small(scan: Scan, model: LoadedModel, min_size: int) -> str:
 
 def _patient_values(task: dict[str, Any]) -> list[str]:
     """Patient identifiers of a DICOM item, so they can be blanked from error messages."""
-    if task["kind"] != "dicom":
-        return []
-    try:
-        ds = pydicom.dcmread(Path(task["root"]) / task["sources"][0], stop_before_pixels=True, force=True)
-    except Exception:
-        return []
-    values = []
-    for kw in _PATIENT_KEYWORDS:
-        v = ds.get(kw)
-        for x in (v if isinstance(v, (list, MultiValue)) else [v]):
-            text = str(x or "").strip()
-            if len(text) >= 3:
-                values += [text, text.replace("^", " ")]
-    return values
+    return patient_identifiers(Path(task["root"]) / task["sources"][0]) if task["kind"] == "dicom" else []
 
 
 def _clean(message: str, task: dict[str, Any], staging: Path) -> str:
     """One line, with paths made relative to the archive and any patient identifier blanked."""
     first = (message.strip().splitlines() or [""])[0]
-    links = staging / "input"
-    for i, rel in enumerate(task["sources"]):  # a series is read through links: name the real files
-        first = first.replace(str(links / f"{i:06d}.dcm"), rel)
-    first = first.replace(str(links), task["label"]).replace(str(staging), "<staging>")
-    first = first.replace(str(Path(task["root"])) + os.sep, "")
+    first = first.replace(str(staging), "<staging>").replace(str(Path(task["root"])) + os.sep, "")
     for value in _patient_values(task):
         first = first.replace(value, "<redacted>")
     return first[:500]
@@ -184,18 +148,18 @@ def process(task: dict[str, Any]) -> dict[str, Any]:
 
     try:
         try:  # any problem reading the input means it cannot be enhanced: skipped, with the reason
-            scan = _load(task, staging)
+            scan = _load(task)
             small = _too_small(scan, model, settings.min_size)
             if small:
-                raise MedsrError(small)
+                raise MedsrError(small, Category.TOO_SMALL)
         except MedsrError as exc:
-            return outcome("skipped", categorise(str(exc)), _clean(str(exc), task, staging))
+            return outcome("skipped", categorise(exc) or "unusable input", _clean(str(exc), task, staging))
         try:
             result = enhance_scan(scan, model, settings.options)
-        except MedsrError as exc:  # "too small" is about the input; anything else is a failure
-            category = categorise(str(exc))
-            state = "skipped" if category in INPUT_CATEGORIES else "failed"
-            return outcome(state, category if state == "skipped" else "enhance error", _clean(str(exc), task, staging))
+        except MedsrError as exc:  # a problem of the input (too small, say) skips it; anything else is a failure
+            category = categorise(exc)
+            state = "skipped" if category else "failed"
+            return outcome(state, category or "enhance error", _clean(str(exc), task, staging))
         formats = settings.formats
         if not scan.dicom_headers:
             formats = "nifti"  # a derived DICOM series needs DICOM reference headers

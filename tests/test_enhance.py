@@ -12,15 +12,13 @@ from enhance_fixtures import anatomical, ct_small, fine_centres, tiny_model
 from medsr.degrade import block_average, parse_spec, psf_blur
 from medsr.enhance import EnhanceOptions, EnhanceResult, choose_slice_axis, enhance_scan, volume_factors
 from medsr.errors import MedsrError
-from medsr.io import Scan, refined_affine
+from medsr.io import Scan, crop_scan, refined_affine
 from medsr.model import LoadedModel
 
 
 def crop_z(scan: Scan, z0: int, z1: int) -> Scan:
     """Slices ``z0:z1`` of a scan, affine shifted so the voxels keep their world positions."""
-    affine = scan.affine.copy()
-    affine[:3, 3] += affine[:3, 2] * z0
-    return scan.with_array(scan.array[..., z0:z1], affine)
+    return crop_scan(scan, (0, 0, z0), (*scan.spatial_shape[:2], z1 - z0))
 
 
 def with_spacing(spacing: tuple[float, float, float], shape: tuple[int, int, int] = (4, 5, 6)) -> Scan:
@@ -191,8 +189,7 @@ def test_progress_reaches_the_total(model: LoadedModel, small: Scan) -> None:
 
 def test_3d_model(tmp_path: Path, t1: Scan) -> None:
     m = tiny_model(tmp_path / "3d.pt", "block:1x1x2", (8, 8, 8), "model.spatial_dims=3")
-    scan = crop_z(t1, 4, 12).with_array(t1.array[:, 8:24, 10:26, 4:12])
-    scan.affine[:3, 3] += scan.affine[:3, :2] @ np.array([8.0, 10.0])
+    scan = crop_scan(t1, (8, 10, 4), (16, 16, 8))
     r = enhance_scan(scan, m, EnhanceOptions(samples=2, steps=2, keep_samples=True))
     assert r.factors == (1, 1, 2) and r.info["slice_axis"] is None
     assert r.mean.array.shape == (1, 16, 16, 16)

@@ -16,8 +16,8 @@ from medsr.cli import app
 from medsr.config import load_config
 from medsr.degrade import block_average, kspace_truncate, parse_spec
 from medsr.enhance import choose_slice_axis
-from medsr.evaluate import coarse_affine, crop_to_factors, degrade_scan, fit_spread_calibration, needed_scale
-from medsr.io import load_scan, refined_affine, save_nifti
+from medsr.evaluate import degrade_scan, fit_spread_calibration, needed_scale
+from medsr.io import coarse_affine, crop_to_factors, load_scan, refined_affine, save_nifti
 from medsr.io.refs import resolve_ref
 from medsr.model import write_untrained_checkpoint
 

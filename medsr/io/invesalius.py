@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsr.errors import MedsrError
+from medsr.errors import Category, MedsrError
 from medsr.io.scan import Scan
 
 __all__ = ["load_inv3"]
@@ -33,11 +33,12 @@ def load_inv3(path: str | os.PathLike[str]) -> Scan:
             info = meta["matrix"]
             raw = tar.extractfile(members[info["filename"]]).read()  # type: ignore[union-attr]
     except (OSError, KeyError, tarfile.TarError, plistlib.InvalidFileException) as exc:
-        raise MedsrError(f"{p}: not a readable InVesalius project ({type(exc).__name__}: {exc})") from None
+        raise MedsrError(f"{p}: not a readable InVesalius project ({type(exc).__name__}: {exc})",
+                          Category.UNREADABLE) from None
     shape = tuple(int(s) for s in info["shape"])
     data = np.frombuffer(raw, dtype=np.dtype(info["dtype"]))
     if data.size != int(np.prod(shape)):
-        raise MedsrError(f"{p}: matrix holds {data.size} values, expected {shape}")
+        raise MedsrError(f"{p}: matrix holds {data.size} values, expected {shape}", Category.DAMAGED)
     array = data.reshape(shape).transpose(2, 1, 0).astype(np.float32)[None]
     sx, sy, sz = (float(s) for s in meta["spacing"])
     affine = np.diag([sx, sy, sz, 1.0])

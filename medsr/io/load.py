@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 
-from medsr.errors import MedsrError
+from medsr.errors import Category, MedsrError
 from medsr.io.dicom_read import check_voxels, load_dicom
 from medsr.io.nifti import load_nifti
 from medsr.io.scan import Scan
@@ -46,13 +46,13 @@ def load_scan(path: str | os.PathLike[str], series_uid: str | None = None,
     """
     path = Path(path)
     if not path.exists():
-        raise MedsrError(f"{path}: no such file or folder")
+        raise MedsrError(f"{path}: no such file or folder", Category.NOT_FOUND)
     if _is_nifti(path) and path.is_file():
         if series_uid is not None:
             raise MedsrError(f"{path}: series_uid applies to DICOM folders, not to NIfTI files")
         shape = _header_shape(path)
         if shape is not None and 0 in shape:
-            raise MedsrError(f"{path}: empty image (shape {shape})")
+            raise MedsrError(f"{path}: empty image (shape {shape})", Category.EMPTY)
         scan = dataclasses.replace(load_nifti(path, volume_index=volume_index), format="NIfTI")
     else:
         if volume_index is not None:

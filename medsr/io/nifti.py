@@ -9,7 +9,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medsr.errors import MedsrError
+from medsr.errors import Category, MedsrError
 from medsr.io.paths import atomic_path
 from medsr.io.scan import Scan
 
@@ -23,13 +23,14 @@ def load_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)  # type: ignore[attr-defined]
     except Exception as exc:  # nibabel raises many types for truncated or foreign files
-        raise MedsrError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+        raise MedsrError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})",
+                          Category.UNREADABLE) from None
     data = np.squeeze(data, axis=tuple(range(4, data.ndim))) if data.ndim > 4 else data
     if data.ndim == 4:
         if volume_index is None:
             raise MedsrError(
                 f"{path}: 4D image with {data.shape[3]} volumes; "
-                f"choose one with volume_index (0..{data.shape[3]-1})"
+                f"choose one with volume_index (0..{data.shape[3]-1})", Category.UNSUPPORTED
             )
         if not 0 <= volume_index < data.shape[3]:
             raise MedsrError(f"{path}: volume_index {volume_index} outside 0..{data.shape[3]-1}")
@@ -39,7 +40,7 @@ def load_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
     if data.ndim == 2:
         data = data[..., None]
     if data.ndim != 3:
-        raise MedsrError(f"{path}: expected a 2D or 3D image, got shape {data.shape}")
+        raise MedsrError(f"{path}: expected a 2D or 3D image, got shape {data.shape}", Category.UNSUPPORTED)
     array = np.asarray(data, dtype=np.float32)[None]
     affine = np.asarray(img.affine, dtype=np.float64)  # type: ignore[attr-defined]
     return Scan(array=array, affine=affine, modality=_modality_hint(img), source=str(path))

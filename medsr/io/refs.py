@@ -11,7 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from medsr.errors import MedsrError
+from medsr.errors import Category, MedsrError
 from medsr.io.invesalius import load_inv3
 from medsr.io.scan import Scan
 
@@ -23,7 +23,7 @@ INVESALIUS_DIR = Path("/usr/share/doc/invesalius-examples/examples")
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise MedsrError(f"package {name!r} is not installed (pip install {name})")
+        raise MedsrError(f"package {name!r} is not installed (pip install {name})", Category.NOT_FOUND)
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -37,9 +37,10 @@ def resolve_ref(ref: str | os.PathLike[str]) -> Path:
         try:
             found = get_testdata_file(name)
         except Exception as exc:  # pydicom may try a download for unknown names; never let it
-            raise MedsrError(f"{text}: not available offline ({exc})") from None
+            raise MedsrError(f"{text}: not available offline ({exc})", Category.NOT_FOUND) from None
         if not found:
-            raise MedsrError(f"{text}: not found in pydicom's test data (pip install pydicom-data)")
+            raise MedsrError(f"{text}: not found in pydicom's test data (pip install pydicom-data)",
+                             Category.NOT_FOUND)
         return Path(str(found))
     if scheme == "nilearn" and name == "mni152":
         return _package_dir("nilearn") / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -48,7 +49,7 @@ def resolve_ref(ref: str | os.PathLike[str]) -> Path:
     if scheme == "invesalius" and name:
         path = INVESALIUS_DIR / f"{name}.inv3"
         if not path.is_file():
-            raise MedsrError(f"{text}: {path} missing (apt-get install invesalius-examples)")
+            raise MedsrError(f"{text}: {path} missing (apt-get install invesalius-examples)", Category.NOT_FOUND)
         return path
     return Path(text)
 

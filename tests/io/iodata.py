@@ -74,8 +74,11 @@ def new_dataset(sop_class: str) -> Dataset:
 
 
 def write_ct_series(folder: Path, hu: np.ndarray, *, series_uid: str | None = None,
-                    description: str = "real CT crop") -> tuple[list[Path], np.ndarray]:
+                    description: str = "real CT crop", pixel_spacing: tuple[float, float] = (0.9, 0.8),
+                    thickness: float = 1.5) -> tuple[list[Path], np.ndarray]:
     """Write ``hu`` (Z, rows, cols) as CT slices under shuffled names; return paths in Z order and RAS affine.
+
+    ``pixel_spacing`` is DICOM's (row spacing, column spacing) in mm; ``thickness`` the slice step in mm.
 
     Stored values are ``(HU + 1024) * 2`` (uint16) with RescaleSlope 0.5 / Intercept -1024, so a reader
     that ignores the slope fails. InstanceNumber runs backwards so a reader sorting by it fails too.
@@ -84,7 +87,7 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, series_uid: str | None = No
     iop = oblique_iop()
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
-    row_spacing, col_spacing, thickness = 0.9, 0.8, 1.5
+    row_spacing, col_spacing = pixel_spacing
     origin = np.array([-30.25, 12.5, 40.0])
     series_uid = series_uid or generate_uid()
     study, frame = generate_uid(), generate_uid()
