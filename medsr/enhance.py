@@ -19,7 +19,7 @@ import torch
 
 from medsr.config import SamplingConfig
 from medsr.degrade import DegradeSpec, upsample
-from medsr.errors import MedsrError
+from medsr.errors import Category, MedsrError
 from medsr.intensity import Normaliser, fit_normaliser
 from medsr.io.scan import Scan, refined_affine
 from medsr.model import LoadedModel
@@ -103,7 +103,8 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
     else:
         low = low[None, None]
     if any(s < 2 for s in low.shape[2:]):
-        raise MedsrError(f"{scan.source}: image too small to enhance (in-plane size {tuple(low.shape[2:])})")
+        raise MedsrError(f"{scan.source}: image too small to enhance (in-plane size {tuple(low.shape[2:])})",
+                          Category.TOO_SMALL)
     window = tuple(opt.window) if opt.window else tuple(cfg.data.patch_size)
     n_items = low.shape[0]
     chunk = max(1, opt.batch_size // opt.samples) if two_d else 1
