@@ -24,6 +24,7 @@ from pydicom.uid import UID, MediaStorageDirectoryStorage
 
 from medsr.errors import MedsrError
 from medsr.io.scan import Scan
+from medsr.io.validate import check_declared_size, check_dicom_frames
 
 __all__ = ["load_dicom", "list_series", "check_voxels", "LPS_TO_RAS"]
 
@@ -104,6 +105,9 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     """Stored values as ``(frames, rows, cols, samples)``; decoding failures name the transfer syntax."""
     meta = getattr(ds, "file_meta", None)
     ts = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    check_declared_size((frames, int(ds.get("Rows") or 0), int(ds.get("Columns") or 0),
+                         int(ds.get("SamplesPerPixel") or 1)), (int(ds.get("BitsAllocated") or 8) + 7) // 8, path)
     try:
         arr = np.asarray(ds.pixel_array)
     except Exception as exc:
@@ -165,6 +169,7 @@ def _unit(v: np.ndarray, where: Path) -> np.ndarray:
 
 def _assemble(frames: list[_Frame], thickness: float, where: Path) -> tuple[np.ndarray, ...]:
     """Array ``(C, X, Y, Z)``, RAS affine and the Z order (indices into ``frames``)."""
+    check_dicom_frames(frames, thickness, where)
     shapes = {f.pixels.shape for f in frames}
     if len(shapes) > 1:
         raise MedsrError(f"{where}: slices differ in size (rows, columns, samples): {sorted(shapes)}")
