@@ -103,6 +103,8 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: EnhanceOptions | None 
     opt = options or EnhanceOptions()
     if opt.samples < 1:
         raise MedsrError(f"samples must be >= 1, got {opt.samples}")
+    if opt.steps < 1 or not 0.0 <= opt.overlap < 1.0:
+        raise MedsrError(f"steps must be >= 1 and overlap in [0, 1), got steps {opt.steps}, overlap {opt.overlap}")
     cfg = model.config
     spec = parse_spec(cfg.degrade)
     device = resolve_device(opt.device)
@@ -155,6 +157,9 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: EnhanceOptions | None 
                        project=opt.project, roi_size=window, overlap=opt.overlap, sw_batch_size=opt.batch_size,
                        amp=amp, on_step=step_done)
             x = x.reshape(reps, stop - start, *x.shape[1:])[:, :, 0].float().cpu()
+            if not bool(torch.isfinite(x).all()):  # never write an all-NaN "result" (damaged weights, overflow)
+                raise MedsrError(f"{scan.source}: the model {model.path} produced NaN/Inf values; its weights may "
+                                 "be damaged (no output written)")
             stats.update(x)
             samples.append(x)
         all_samples = torch.cat(samples)

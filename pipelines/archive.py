@@ -26,7 +26,6 @@ modulo the world size is r, on GPU ``LOCAL_RANK``; ranks share the WAL-mode mani
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ from typing import Any
 import torch
 import yaml
 
+from medsr.config import build_dataclass
 from medsr.enhance import EnhanceOptions
 from medsr.errors import MedsrError
 from medsr.io import atomic_path
@@ -95,31 +95,37 @@ class ArchiveOptions:
     review_top: int = 10
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Ranges and choices (types are checked by :func:`load_archive_options`): a bad value stops the run
+        before anything is written, instead of failing every item."""
+        if self.format not in ("auto", "nifti", "dicom", "both"):
+            raise MedsrError(f"archive format must be auto, nifti, dicom or both, got {self.format!r}")
+        for name, low in (("samples", 1), ("steps", 1), ("workers", 1), ("max_attempts", 1), ("min_size", 1),
+                          ("threads", 0), ("review_top", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise MedsrError(f"archive {name} must be a whole number >= {low}, got {value!r}")
+
 
 def load_archive_options(path: str | os.PathLike[str] | None = None, **overrides: Any) -> ArchiveOptions:
     """Options from a YAML file (or defaults), then ``overrides`` that are not None; unknown keys refused."""
-    values: dict[str, Any] = {}
+    values: Any = {}
     if path is not None:
         try:
             values = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise MedsrError(f"{path}: cannot read archive config ({exc})") from None
+        if not isinstance(values, dict):
+            raise MedsrError(f"{path}: an archive config is a mapping of option: value, got {values!r}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(ArchiveOptions)}
-    unknown = set(values) - known
-    if unknown:
-        raise MedsrError(f"archive config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    return ArchiveOptions(**values)
+    opts: ArchiveOptions = build_dataclass(ArchiveOptions, values, "archive")  # types, like training configs
+    return opts
 
 
 def _check(opt: ArchiveOptions) -> None:
     if not opt.model:
         raise MedsrError("archive: no model given")
-    if opt.format not in ("auto", "nifti", "dicom", "both"):
-        raise MedsrError(f"archive: format must be auto, nifti, dicom or both, got {opt.format!r}")
-    for name in ("samples", "steps", "workers", "max_attempts"):
-        if int(getattr(opt, name)) < 1:
-            raise MedsrError(f"archive: {name} must be >= 1, got {getattr(opt, name)}")
+    ArchiveOptions.__post_init__(opt)  # fields may have been set after construction
 
 
 @contextmanager
