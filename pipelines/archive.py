@@ -26,6 +26,7 @@ modulo the world size is r, on GPU ``LOCAL_RANK``; ranks share the WAL-mode mani
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -172,9 +173,23 @@ def _discover(manifest: Manifest, src: Path, dst: Path) -> None:
         t0 = time.perf_counter()
         items = discover(src, exclude=(dst,))
         new = manifest.add_items(items)
+        for item_id in manifest.update_fingerprints({it.id: _fingerprint(src, it.sources) for it in items}):
+            log.info("discovery: the input of %s changed since the last run; redoing it", item_id)
         manifest.set_meta("discovery_token", token)
         manifest.set_meta("discovered", now())
         log.info("discovery: %d items under the archive (%d new) in %.1f s", len(items), new, time.perf_counter() - t0)
+
+
+def _fingerprint(src: Path, sources: list[str]) -> str:
+    """Size and modification time (ns) of every source file: a changed input gets a new fingerprint."""
+    parts = []
+    for rel in sources:
+        try:
+            st = os.stat(src / rel)
+            parts.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{rel}:missing")
+    return hashlib.sha1("\n".join(parts).encode("utf-8")).hexdigest()
 
 
 def _report_score(folder: Path) -> float | None:
