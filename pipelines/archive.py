@@ -53,7 +53,7 @@ from medsr.io import atomic_path
 from medsr.model import LoadedModel, load_model
 from medsr.train import resolve_device
 from pipelines.discover import discover
-from pipelines.manifest import Manifest, now, shard_of
+from pipelines.manifest import INPUT_CHANGED, Manifest, now, shard_of
 from pipelines.worker import WorkerSettings, init_worker, process
 
 __all__ = ["ArchiveOptions", "load_archive_options", "run_archive", "summarise", "format_summary"]
@@ -207,7 +207,7 @@ def _reconcile(manifest: Manifest, dst: Path, rank: int, world: int, opt: Archiv
         folder = dst / row["out_dir"] if row["out_dir"] else None
         finished = folder is not None and (folder / "report.json").is_file()
         state, label = row["state"], row["out_dir"] or row["id"]
-        if state in ("pending", "running") and finished:
+        if state in ("pending", "running") and finished and row["reason"] != INPUT_CHANGED:
             assert folder is not None
             manifest.set_state(row["id"], "done", score=_report_score(folder), finished=now())
             log.info("resume: %s was published before the interruption; recorded as done", label)

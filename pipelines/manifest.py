@@ -23,9 +23,10 @@ from typing import Any
 
 from pipelines.discover import Item, item_key
 
-__all__ = ["Manifest", "shard_of", "now", "STATES", "reserved"]
+__all__ = ["Manifest", "shard_of", "now", "STATES", "INPUT_CHANGED", "reserved"]
 
 STATES = ("pending", "running", "done", "skipped", "failed")
+INPUT_CHANGED = "input changed since the last run; redone"  # reason of an item queued again by its fingerprint
 
 
 def reserved(name: str) -> bool:
@@ -147,7 +148,7 @@ class Manifest:
                     continue
                 if row["fingerprint"] is not None and row["out_dir"] and row["state"] in ("done", "skipped", "failed"):
                     db.execute("UPDATE items SET state = 'pending', category = '', attempts = 0, fingerprint = ?, "
-                               "reason = 'input changed since the last run; redone' WHERE id = ?", (new, row["id"]))
+                               "reason = ? WHERE id = ?", (new, INPUT_CHANGED, row["id"]))
                     again.append(str(row["id"]))
                 else:
                     db.execute("UPDATE items SET fingerprint = ? WHERE id = ?", (new, row["id"]))

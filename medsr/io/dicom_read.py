@@ -24,7 +24,7 @@ from pydicom.uid import UID, MediaStorageDirectoryStorage
 
 from medsr.errors import MedsrError
 from medsr.io.scan import Scan
-from medsr.io.validate import check_declared_size, check_dicom_frames
+from medsr.io.validate import check_declared_size, check_decoded_shape, check_dicom_frames
 
 __all__ = ["load_dicom", "list_series", "check_voxels", "LPS_TO_RAS"]
 
@@ -118,6 +118,8 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
         arr = arr[None]
     if int(ds.get("SamplesPerPixel") or 1) == 1:
         arr = arr[..., None]
+    check_decoded_shape(arr.shape, (frames, int(ds.get("Rows") or 0), int(ds.get("Columns") or 0),
+                                    int(ds.get("SamplesPerPixel") or 1)), path)
     return arr
 
 

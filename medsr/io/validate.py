@@ -17,7 +17,8 @@ import numpy as np
 from medsr.errors import MedsrError
 
 __all__ = ["DEFAULT_MAX_IMAGE_BYTES", "MAX_ABS_INTENSITY", "max_image_bytes", "check_declared_size",
-           "check_affine", "check_intensity", "check_dicom_frames", "check_nifti_header", "check_scan"]
+           "check_decoded_shape", "check_affine", "check_intensity", "check_dicom_frames", "check_nifti_header",
+           "check_scan"]
 
 DEFAULT_MAX_IMAGE_BYTES = 2 * 1024**3
 # No scanner stores values near this; above it the percentile normaliser (float64 lo + 1) stops being invertible
@@ -57,6 +58,15 @@ def check_declared_size(shape: Sequence[int], itemsize: int, where: Any) -> None
     if total > limit:
         raise MedsrError(f"{where}: header declares {tuple(dims)} voxels ({_gib(total)} decompressed), more than "
                          f"the limit of {_gib(limit)}; raise MEDSR_MAX_IMAGE_BYTES if this image is genuine")
+
+
+def check_decoded_shape(shape: Sequence[int], declared: Sequence[int], where: Any) -> None:
+    """Decoded DICOM pixels must be exactly what the header declares (frames, rows, columns, samples): extra
+    bytes after the image would otherwise become phantom frames or a reshape traceback."""
+    if tuple(int(s) for s in shape) != tuple(int(d) for d in declared):
+        raise MedsrError(f"{where}: pixel data decodes to {tuple(shape)} (frames, rows, columns, samples) but the "
+                         f"header declares {tuple(declared)}; the file is damaged (PixelData longer or shorter "
+                         "than Rows x Columns x NumberOfFrames)")
 
 
 def check_affine(affine: np.ndarray, where: Any) -> None:
@@ -127,6 +137,11 @@ def check_nifti_header(img: Any, where: Any) -> None:
         raise MedsrError(f"{where}: {len(shape)}D image, shape {shape}; medsr reads 2D/3D images or one volume "
                          "of a 4D image (split it first)")
     check_declared_size(shape, dtype.itemsize, where)
+    header = img.header
+    for name in ("sform", "qform"):  # a coded transform that is broken means a damaged header, whichever is used
+        matrix, code = getattr(header, f"get_{name}")(coded=True)
+        if code and matrix is not None:
+            check_affine(matrix, where)
 
 
 def check_scan(array: np.ndarray, affine: np.ndarray, where: Any) -> None:
