@@ -162,11 +162,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise MedsrError(f"config {where}: expected a number, got {value!r}") from None
     if tp in (int, bool, str) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise MedsrError(f"config {where}: expected {_KIND[tp]}, got {value!r}")  # `steps: true` is not 1
+        raise MedsrError(f"config {where}: expected {tp.__name__}, got {value!r}")  # `steps: true` is not 1
     return value
-
-
-_KIND = {int: "a whole number", bool: "true or false", str: "text"}
 
 
 def build_dataclass(cls: Any, values: Any, where: str = "") -> Any:

@@ -523,9 +523,9 @@ def test_malformed_checkpoint_fields_are_refused(field: str, value: Any, message
     ("train.ckpt_every=0", "train.ckpt_every"), ("train.log_every=0", "train.log_every"),
     ("model.norm_num_groups=5", "model.norm_num_groups: must be a divisor"),
     ("diffusion.schedule=quadratic", "diffusion.schedule: must be one of"), ("data.slice_axis=5", "data.slice_axis"),
-    ("degrade.x=1", "config degrade: expected text"), ("train.steps=-1", "train.steps: must be >= 1"),
-    ("train.ema_decay=2.0", "train.ema_decay: must be in [0, 1)"), ("train.steps=true", "expected a whole number"),
-    ("train.batch_size=2.5", "expected a whole number"), ("train.lr=[1]", "expected a number")])
+    ("degrade.x=1", "config degrade: expected str"), ("train.steps=-1", "train.steps: must be >= 1"),
+    ("train.ema_decay=2.0", "train.ema_decay: must be in [0, 1)"), ("train.steps=true", "expected int"),
+    ("train.batch_size=2.5", "expected int"), ("train.lr=[1]", "expected a number")])
 def test_training_config_is_validated(override: str, message: str) -> None:
     with pytest.raises(MedsrError, match=message.replace("[", r"\[").replace(")", r"\)")):
         load_config(None, [override])
