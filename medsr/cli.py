@@ -15,7 +15,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
 def _fail(exc: MedsrError) -> None:
-    typer.echo(f"medsr: error: {exc}", err=True)
+    from medsr.io.paths import printable
+
+    typer.echo(f"medsr: error: {printable(exc)}", err=True)  # messages may quote header text: no raw escapes
     raise typer.Exit(code=2)
 
 
@@ -23,7 +25,7 @@ def _fail(exc: MedsrError) -> None:
 def info(
     path: Path = typer.Argument(..., help="NIfTI file, DICOM file, DICOM series folder, or pydicom:NAME"),
     series_uid: str | None = typer.Option(None, help="choose one series in a folder holding several"),
-    volume: int | None = typer.Option(None, help="volume index of a 4D NIfTI"),
+    volume: int | None = typer.Option(None, "--volume-index", "--volume", help="volume index of a 4D NIfTI"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Print what a scan is (format, modality, shape, spacing, orientation, range, series UID); no patient data."""
@@ -40,9 +42,11 @@ def info(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
+        from medsr.io.paths import printable
+
         width = max(len(k) for k in summary)
         for key, value in summary.items():
-            typer.echo(f"{key:<{width}}  {value}")
+            typer.echo(f"{key:<{width}}  {printable(value)}")  # header text may hold terminal escapes
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -87,6 +91,7 @@ def enhance(
     projection: bool = typer.Option(_SAMPLING.project, help="data-consistency projection at every step"),
     overlap: float = typer.Option(_SAMPLING.overlap, help="sliding-window overlap, in [0, 1)"),
     series_uid: str | None = typer.Option(None, help="series to use in a folder holding several"),
+    volume_index: int | None = typer.Option(None, help="volume of a 4D NIfTI to enhance (0-based)"),
 ) -> None:
     """Enhance scans: posterior mean, per-voxel std, 5-95% interval, review figure and report per input."""
     from tqdm import tqdm
@@ -95,7 +100,7 @@ def enhance(
     from medsr.io import load_scan
     from medsr.io.refs import resolve_ref
     from medsr.model import load_model
-    from medsr.outputs import write_outputs
+    from medsr.outputs import plan_destinations, write_outputs
     from medsr.runtime import resolve_device, resolve_model
 
     try:
@@ -104,8 +109,14 @@ def enhance(
         options = SamplingConfig(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device, amp=amp,
                                  project=projection, overlap=overlap, keep_samples=save_samples)
         loaded = load_model(resolve_model(model), device=resolve_device(device))
-        for path in inputs:
-            scan = load_scan(resolve_ref(str(path)), series_uid=series_uid)
+        sources = [resolve_ref(str(p)) for p in inputs]
+        plan = plan_destinations(sources, out)  # one folder per input, never on an input
+        for dest in plan:
+            if dest.note:
+                typer.echo(f"note: {dest.note}", err=True)
+        for dest in plan:
+            path = dest.source
+            scan = load_scan(path, series_uid=series_uid, volume_index=volume_index)
             is_dicom = bool(scan.dicom_headers)
             formats = fmt or ("both" if is_dicom else "nifti")
             with tqdm(total=1, desc=scan.name, unit="step", dynamic_ncols=True) as bar:
@@ -115,7 +126,8 @@ def enhance(
                     bar.refresh()
 
                 result = enhance_scan(scan, loaded, options, progress)
-            folder = write_outputs(scan, result, loaded, options, out, formats=formats, save_samples=save_samples)
+            folder = write_outputs(scan, result, loaded, options, out, name=dest.folder.name, formats=formats,
+                                   save_samples=save_samples, inputs=sources)
             typer.echo(f"{path} -> {folder} (x{'x'.join(map(str, result.factors))}, uncertainty score "
                        f"{result.score.mean_std:.4f}, {result.timings['total_s']:.1f} s)")
     except MedsrError as exc:

@@ -8,6 +8,7 @@ that is written next to every checkpoint and output.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -30,6 +31,8 @@ __all__ = [
     "sampling_config_from_dict",
     "load_config",
     "config_from_dict",
+    "build_dataclass",
+    "validate_config",
     "to_dict",
 ]
 
@@ -209,14 +212,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin in (typing.Union, types.UnionType):
         return value
-    if tp is float and not isinstance(value, bool):
+    if tp is float:
         try:  # YAML 1.1 reads "1e-3" as a string: accept any number spelled as text
+            if isinstance(value, (bool, list, tuple, dict)):
+                raise TypeError
             return float(value)
         except (TypeError, ValueError):
             raise MedsrError(f"config {where}: expected a number, got {value!r}") from None
-    if tp in (int, bool, str) and not isinstance(value, tp):
-        raise MedsrError(f"config {where}: expected {tp.__name__}, got {value!r}")
+    if tp in (int, bool, str) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise MedsrError(f"config {where}: expected {tp.__name__}, got {value!r}")  # `steps: true` is not 1
     return value
+
+
+def build_dataclass(cls: Any, values: Any, where: str = "") -> Any:
+    """``cls(**values)`` with every value checked against its type hint: unknown keys, a bool for a number, a
+    list for a number, "abc" for an int all raise :class:`MedsrError` naming the key. Used for every YAML that
+    maps onto a dataclass (training configs, archive options), so they are checked alike."""
+    if not isinstance(values, dict):
+        raise MedsrError(f"config {where or 'root'}: expected a mapping of key: value, got {values!r}")
+    return _build(cls, values, where)
 
 
 def _build(cls: Any, values: dict[str, Any], where: str = "") -> Any:
@@ -230,8 +244,67 @@ def _build(cls: Any, values: dict[str, Any], where: str = "") -> Any:
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Build a :class:`Config` from a nested dict, refusing unknown keys and wrong types."""
-    return _build(Config, values or {})
+    """Build a :class:`Config` from a nested dict, refusing unknown keys, wrong types and values out of range."""
+    cfg: Config = build_dataclass(Config, values or {})
+    validate_config(cfg)
+    return cfg
+
+
+SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")  # MONAI's NoiseSchedules
+
+
+def _need(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise MedsrError(f"config {key}: must be {rule}, got {value!r}")
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+def validate_config(cfg: Config) -> None:
+    """Ranges and choices that types alone cannot express; each failure names the key, the rule and the value.
+
+    Catches what would otherwise train silently wrong (lr 0, steps -1, ema_decay 2.0) or crash later with a
+    traceback (batch 0, log_every 0, norm groups that do not divide the channels, slice_axis 5).
+    """
+    d, m, f, i, t = cfg.data, cfg.model, cfg.diffusion, cfg.intensity, cfg.train
+    _need(len(d.patch_size) >= 1 and all(p >= 1 for p in d.patch_size), "data.patch_size", "positive sizes",
+          d.patch_size)
+    _need(d.slice_axis in (0, 1, 2), "data.slice_axis", "0, 1 or 2", d.slice_axis)
+    _need(0.0 <= d.foreground_fraction <= 1.0, "data.foreground_fraction", "in [0, 1]", d.foreground_fraction)
+    _need(_finite(d.foreground_threshold), "data.foreground_threshold", "a finite number", d.foreground_threshold)
+    _need(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    _need(m.spatial_dims in (2, 3), "model.spatial_dims", "2 or 3", m.spatial_dims)
+    _need(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels", "positive counts",
+          m.channels)
+    _need(len(m.attention_levels) == len(m.channels), "model.attention_levels", "as long as model.channels",
+          m.attention_levels)
+    _need(m.num_res_blocks >= 1, "model.num_res_blocks", ">= 1", m.num_res_blocks)
+    _need(m.num_head_channels >= 1, "model.num_head_channels", ">= 1", m.num_head_channels)
+    _need(m.norm_num_groups >= 1 and all(c % m.norm_num_groups == 0 for c in m.channels), "model.norm_num_groups",
+          f"a divisor of every channel count {list(m.channels)}", m.norm_num_groups)
+    _need(f.num_train_timesteps >= 1, "diffusion.num_train_timesteps", ">= 1", f.num_train_timesteps)
+    _need(f.schedule in SCHEDULES, "diffusion.schedule", f"one of {list(SCHEDULES)}", f.schedule)
+    _need(f.prediction in ("epsilon", "v_prediction"), "diffusion.prediction", "epsilon or v_prediction",
+          f.prediction)
+    _need(f.loss in ("l1", "l2"), "diffusion.loss", "l1 or l2", f.loss)
+    _need(f.target in ("residual", "plain"), "diffusion.target", "residual or plain", f.target)
+    _need(_finite(f.residual_scale) and f.residual_scale > 0, "diffusion.residual_scale", "> 0", f.residual_scale)
+    _need(len(i.ct_window) == 2 and all(map(_finite, i.ct_window)) and i.ct_window[0] < i.ct_window[1],
+          "intensity.ct_window", "two finite numbers, low < high", i.ct_window)
+    _need(len(i.mr_percentiles) == 2 and 0 <= i.mr_percentiles[0] < i.mr_percentiles[1] <= 100,
+          "intensity.mr_percentiles", "two percentiles 0 <= low < high <= 100", i.mr_percentiles)
+    for key in ("steps", "batch_size", "ckpt_every", "val_every", "log_every", "val_sampling_steps"):
+        _need(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
+    for key in ("warmup_steps", "val_patches", "threads"):
+        _need(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))
+    _need(_finite(t.lr) and t.lr > 0, "train.lr", "a finite number > 0", t.lr)
+    _need(_finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", "a finite number >= 0",
+          t.weight_decay)
+    _need(_finite(t.grad_clip) and t.grad_clip > 0, "train.grad_clip", "a finite number > 0", t.grad_clip)
+    _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "in [0, 1)", t.ema_decay)
+    _need(t.amp in ("auto", "bf16", "fp16", "none"), "train.amp", "auto, bf16, fp16 or none", t.amp)
 
 
 def sampling_config_from_dict(values: dict[str, Any], where: str = "sampling") -> SamplingConfig:
@@ -247,9 +320,14 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, raw = item.split("=", 1)
         node = values
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node, dict):  # e.g. degrade.x=1: degrade is a value, not a section
+                raise MedsrError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a setting, not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise MedsrError(f"override {item!r}: value is not valid YAML ({exc})") from None
     return values
 
 
@@ -262,4 +340,6 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
             values = yaml.safe_load(p.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise MedsrError(f"{p}: cannot read config ({exc})") from None
+        if not isinstance(values, dict):
+            raise MedsrError(f"{p}: a config is a mapping of sections (data:, model:, train: ...), got {values!r}")
     return config_from_dict(apply_overrides(values, list(overrides or [])))

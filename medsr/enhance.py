@@ -139,6 +139,9 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
                        project=opt.project, roi_size=window, overlap=opt.overlap, sw_batch_size=opt.batch_size,
                        amp=amp, on_step=step_done)
             x = x.reshape(reps, stop - start, *x.shape[1:])[:, :, 0].float().cpu()
+            if not bool(torch.isfinite(x).all()):  # never write an all-NaN "result" (damaged weights, overflow)
+                raise MedsrError(f"{scan.source}: the model {model.path} produced NaN/Inf values; its weights may "
+                                 "be damaged (no output written)")
             stats.update(x)
             samples.append(x)
         all_samples = torch.cat(samples)

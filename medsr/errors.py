@@ -29,6 +29,7 @@ class Category(str, Enum):
     EMPTY = "empty"  # no voxels
     NON_FINITE = "non_finite"  # NaN or Inf voxels
     TOO_SMALL = "too_small"  # smaller than the model can work on
+    TOO_LARGE = "too_large"  # declares more voxels than the configured limit (MEDSR_MAX_IMAGE_BYTES)
 
 
 class MedsrError(Exception):

@@ -121,11 +121,21 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         raise MedsrError(f"{path}: stored config is invalid ({exc})") from None
     if parse_spec(cfg.degrade).spatial_dims != cfg.model.spatial_dims:
         raise MedsrError(f"{path}: degradation {cfg.degrade} does not fit a {cfg.model.spatial_dims}D model")
+    ema, step, calibration = ckpt["ema"], ckpt.get("step", 0), ckpt.get("calibration", 1.0)
+    if not isinstance(ema, dict) or not all(isinstance(v, torch.Tensor) for v in ema.values()):
+        raise MedsrError(f"{path}: checkpoint field 'ema' is not a dict of tensors")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise MedsrError(f"{path}: checkpoint field 'step' must be a whole number >= 0, got {step!r}")
+    if isinstance(calibration, bool) or not isinstance(calibration, (int, float)) or not 0 < calibration < 1e6:
+        raise MedsrError(f"{path}: checkpoint field 'calibration' must be a positive number, got {calibration!r}")
+    damaged = [k for k, v in ema.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if damaged:
+        raise MedsrError(f"{path}: {len(damaged)} weight tensor(s) hold NaN/Inf (e.g. {damaged[0]}); the checkpoint "
+                         "is damaged")
     net = build_unet(cfg.model)
-    load_state_strict(net, {k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}, str(path))
+    load_state_strict(net, {k: v.float() if v.is_floating_point() else v for k, v in ema.items()}, str(path))
     net.to(device).eval()
-    return LoadedModel(net, cfg, str(path), file_sha256(path), int(ckpt.get("step", 0)),
-                       float(ckpt.get("calibration", 1.0)))
+    return LoadedModel(net, cfg, str(path), file_sha256(path), step, float(calibration))
 
 
 def checkpoint_payload(cfg: Config, ema_state: dict[str, torch.Tensor], *,

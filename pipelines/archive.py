@@ -26,7 +26,7 @@ modulo the world size is r, on GPU ``LOCAL_RANK``; ranks share the WAL-mode mani
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -46,13 +46,14 @@ from typing import Any
 import torch
 import yaml
 
+from medsr.config import build_dataclass
 from medsr.enhance import EnhanceOptions
 from medsr.errors import MedsrError
 from medsr.io import atomic_path
 from medsr.model import LoadedModel, load_model
 from medsr.runtime import resolve_device
 from pipelines.discover import discover
-from pipelines.manifest import Manifest, now, shard_of
+from pipelines.manifest import INPUT_CHANGED, Manifest, now, shard_of
 from pipelines.worker import WorkerSettings, init_worker, process
 
 __all__ = ["ArchiveOptions", "load_archive_options", "run_archive", "summarise", "format_summary"]
@@ -95,31 +96,37 @@ class ArchiveOptions:
     review_top: int = 10
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Ranges and choices (types are checked by :func:`load_archive_options`): a bad value stops the run
+        before anything is written, instead of failing every item."""
+        if self.format not in ("auto", "nifti", "dicom", "both"):
+            raise MedsrError(f"archive format must be auto, nifti, dicom or both, got {self.format!r}")
+        for name, low in (("samples", 1), ("steps", 1), ("workers", 1), ("max_attempts", 1), ("min_size", 1),
+                          ("threads", 0), ("review_top", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise MedsrError(f"archive {name} must be a whole number >= {low}, got {value!r}")
+
 
 def load_archive_options(path: str | os.PathLike[str] | None = None, **overrides: Any) -> ArchiveOptions:
     """Options from a YAML file (or defaults), then ``overrides`` that are not None; unknown keys refused."""
-    values: dict[str, Any] = {}
+    values: Any = {}
     if path is not None:
         try:
             values = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise MedsrError(f"{path}: cannot read archive config ({exc})") from None
+        if not isinstance(values, dict):
+            raise MedsrError(f"{path}: an archive config is a mapping of option: value, got {values!r}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(ArchiveOptions)}
-    unknown = set(values) - known
-    if unknown:
-        raise MedsrError(f"archive config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    return ArchiveOptions(**values)
+    opts: ArchiveOptions = build_dataclass(ArchiveOptions, values, "archive")  # types, like training configs
+    return opts
 
 
 def _check(opt: ArchiveOptions) -> None:
     if not opt.model:
         raise MedsrError("archive: no model given")
-    if opt.format not in ("auto", "nifti", "dicom", "both"):
-        raise MedsrError(f"archive: format must be auto, nifti, dicom or both, got {opt.format!r}")
-    for name in ("samples", "steps", "workers", "max_attempts"):
-        if int(getattr(opt, name)) < 1:
-            raise MedsrError(f"archive: {name} must be >= 1, got {getattr(opt, name)}")
+    ArchiveOptions.__post_init__(opt)  # fields may have been set after construction
 
 
 @contextmanager
@@ -166,9 +173,23 @@ def _discover(manifest: Manifest, src: Path, dst: Path) -> None:
         t0 = time.perf_counter()
         items = discover(src, exclude=(dst,))
         new = manifest.add_items(items)
+        for item_id in manifest.update_fingerprints({it.id: _fingerprint(src, it.sources) for it in items}):
+            log.info("discovery: the input of %s changed since the last run; redoing it", item_id)
         manifest.set_meta("discovery_token", token)
         manifest.set_meta("discovered", now())
         log.info("discovery: %d items under the archive (%d new) in %.1f s", len(items), new, time.perf_counter() - t0)
+
+
+def _fingerprint(src: Path, sources: list[str]) -> str:
+    """Size and modification time (ns) of every source file: a changed input gets a new fingerprint."""
+    parts = []
+    for rel in sources:
+        try:
+            st = os.stat(src / rel)
+            parts.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{rel}:missing")
+    return hashlib.sha1("\n".join(parts).encode("utf-8")).hexdigest()
 
 
 def _report_score(folder: Path) -> float | None:
@@ -186,7 +207,7 @@ def _reconcile(manifest: Manifest, dst: Path, rank: int, world: int, opt: Archiv
         folder = dst / row["out_dir"] if row["out_dir"] else None
         finished = folder is not None and (folder / "report.json").is_file()
         state, label = row["state"], row["out_dir"] or row["id"]
-        if state in ("pending", "running") and finished:
+        if state in ("pending", "running") and finished and row["reason"] != INPUT_CHANGED:
             assert folder is not None
             manifest.set_state(row["id"], "done", score=_report_score(folder), finished=now())
             log.info("resume: %s was published before the interruption; recorded as done", label)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path, PurePosixPath
 import nibabel as nib
 
 from medsr.io import DicomHeader, DicomSurvey, sanitize_component, survey
+from medsr.io.validate import max_image_bytes
 
 __all__ = ["Item", "discover", "item_key"]
 
@@ -70,15 +72,38 @@ class Item:
         return item_key(self.id)
 
 
-def walk(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Files under ``root`` in sorted order; hidden files/folders and the ``exclude`` folders are left out."""
+def walk(root: Path, exclude: tuple[Path, ...] = (),
+         problems: list[tuple[Path, str, str]] | None = None) -> Iterator[Path]:
+    """Regular files under ``root`` in sorted order; hidden files/folders and the ``exclude`` folders are left
+    out. What cannot be read safely goes to ``problems`` as (path, category, reason) instead: unreadable folders,
+    special files (a link to /dev/zero would be read forever) and files over the size limit."""
     excluded = {p.resolve() for p in exclude}
-    for dirpath, dirnames, filenames in os.walk(root):
+    found = problems if problems is not None else []
+    limit = max_image_bytes()
+
+    def unreadable(err: OSError) -> None:
+        found.append((Path(err.filename or root), "unreadable folder", f"cannot list the folder ({err.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         here = Path(dirpath)
         dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (here / n).resolve() not in excluded)
         for name in sorted(filenames):
-            if not name.startswith("."):
-                yield here / name
+            if name.startswith("."):
+                continue
+            path = here / name
+            try:
+                st = os.stat(path)  # follows links: a link to a regular file is read like the file
+            except OSError as exc:
+                found.append((path, "unreadable file", f"cannot read the file ({exc.strerror})"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                found.append((path, "not a regular file", "not a regular file (device, pipe, socket or a link "
+                                                          "to one); medsr reads regular files only"))
+            elif st.st_size > limit:
+                found.append((path, "too large", f"{st.st_size} bytes, more than the limit of {limit} "
+                                                 "(MEDSR_MAX_IMAGE_BYTES)"))
+            else:
+                yield path
 
 
 def _nifti_stem(name: str) -> str:
@@ -170,11 +195,16 @@ def discover(root: str | os.PathLike[str], exclude: tuple[Path, ...] = ()) -> li
     root = Path(root)
     items: list[Item] = []
     others: list[Path] = []
-    for path in walk(root, exclude):
+    problems: list[tuple[Path, str, str]] = []
+    for path in walk(root, exclude, problems):
         if path.name.lower().endswith(_NIFTI_SUFFIXES):
             items.append(_nifti_item(path, path.relative_to(root).as_posix()))
         else:
             others.append(path)
     items += _dicom_items(survey(others), root)
+    for path, category, reason in problems:  # recorded as skipped, so nothing is left out silently
+        rel = path.relative_to(root).as_posix() if path != root else "."
+        kind = "folder" if category == "unreadable folder" else "file"
+        items.append(Item(f"{kind}:{rel}", kind, [rel], state="skipped", category=category, reason=reason))
     _place_series(items)
     return sorted(items, key=lambda it: it.id)

@@ -23,9 +23,10 @@ from typing import Any
 
 from pipelines.discover import Item, item_key
 
-__all__ = ["Manifest", "shard_of", "now", "STATES", "reserved"]
+__all__ = ["Manifest", "shard_of", "now", "STATES", "INPUT_CHANGED", "reserved"]
 
 STATES = ("pending", "running", "done", "skipped", "failed")
+INPUT_CHANGED = "input changed since the last run; redone"  # reason of an item queued again by its fingerprint
 
 
 def reserved(name: str) -> bool:
@@ -78,6 +79,9 @@ class Manifest:
         with self.transaction():
             for statement in _SCHEMA:
                 self.db.execute(statement)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(items)")}
+            if "fingerprint" not in columns:  # manifests written before inputs were fingerprinted
+                self.db.execute("ALTER TABLE items ADD COLUMN fingerprint TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -132,6 +136,23 @@ class Manifest:
                      item.category, item.reason, stamp))
                 new += 1
         return new
+
+    def update_fingerprints(self, prints: dict[str, str]) -> list[str]:
+        """Store each item's input fingerprint; a finished item whose inputs changed since it was recorded goes
+        back to pending (its output is replaced when redone). Returns the ids queued again."""
+        again = []
+        with self.transaction() as db:
+            for row in db.execute("SELECT id, state, out_dir, fingerprint FROM items").fetchall():
+                new = prints.get(row["id"])
+                if new is None or new == row["fingerprint"]:
+                    continue
+                if row["fingerprint"] is not None and row["out_dir"] and row["state"] in ("done", "skipped", "failed"):
+                    db.execute("UPDATE items SET state = 'pending', category = '', attempts = 0, fingerprint = ?, "
+                               "reason = ? WHERE id = ?", (new, INPUT_CHANGED, row["id"]))
+                    again.append(str(row["id"]))
+                else:
+                    db.execute("UPDATE items SET fingerprint = ? WHERE id = ?", (new, row["id"]))
+        return again
 
     # --- queries ------------------------------------------------------------------------------------------
     def rows(self, state: str | None = None) -> list[sqlite3.Row]:

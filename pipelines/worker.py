@@ -41,6 +41,7 @@ CATEGORY_LABELS = {
     Category.EMPTY: "empty image",
     Category.NON_FINITE: "NaN/Inf voxels",
     Category.TOO_SMALL: "too small",
+    Category.TOO_LARGE: "too large",
 }
 
 

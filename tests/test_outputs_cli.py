@@ -102,7 +102,8 @@ def test_report_json(nifti_run: tuple[Result, Path], ckpt: Path) -> None:
     s = rep["sampling"]
     assert (s["steps"], s["samples"], s["seed"], s["sampler"]) == (2, 3, 5, "ddim")
     assert s["data_consistency_projection"] is True and s["slice_axis"] == 2 and s["window"] == [16, 16]
-    assert rep["input"] == {"format": "NIfTI", "modality": "", "shape": [33, 41, 25], "spacing_mm": [2.0, 2.0, 2.0]}
+    assert rep["input"] == {"source": str(resolve_ref(NIFTI_REF).resolve()), "format": "NIfTI", "modality": "",
+                            "shape": [33, 41, 25], "spacing_mm": [2.0, 2.0, 2.0]}
     assert rep["output"] == {"shape": [66, 82, 25], "spacing_mm": [1.0, 1.0, 2.0], "scale": [2, 2, 1]}
     assert set(rep["timings_s"]) == {"prepare_s", "sampling_s", "total_s"}
     assert rep["timings_s"]["total_s"] > 0

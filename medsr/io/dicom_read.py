@@ -25,6 +25,7 @@ from pydicom.uid import UID, MediaStorageDirectoryStorage
 from medsr.errors import Category, MedsrError
 from medsr.io.scan import Scan
 from medsr.io.survey import DicomHeader, DicomSeries, DicomSurvey, survey
+from medsr.io.validate import check_declared_size, check_decoded_shape, check_dicom_frames
 
 __all__ = ["load_dicom", "load_dicom_files", "list_series", "check_voxels", "LPS_TO_RAS"]
 
@@ -105,6 +106,9 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     """Stored values as ``(frames, rows, cols, samples)``; decoding failures name the transfer syntax."""
     meta = getattr(ds, "file_meta", None)
     ts = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    check_declared_size((frames, int(ds.get("Rows") or 0), int(ds.get("Columns") or 0),
+                         int(ds.get("SamplesPerPixel") or 1)), (int(ds.get("BitsAllocated") or 8) + 7) // 8, path)
     stored = ds.get("PixelData")
     if stored is not None and ts.is_transfer_syntax and not ts.is_compressed and "BitsAllocated" in ds:
         need = (int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * int(ds.get("NumberOfFrames") or 1)
@@ -122,6 +126,8 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
         arr = arr[None]
     if int(ds.get("SamplesPerPixel") or 1) == 1:
         arr = arr[..., None]
+    check_decoded_shape(arr.shape, (frames, int(ds.get("Rows") or 0), int(ds.get("Columns") or 0),
+                                    int(ds.get("SamplesPerPixel") or 1)), path)
     return arr
 
 
@@ -174,6 +180,7 @@ def _unit(v: np.ndarray, where: Path) -> np.ndarray:
 
 def _assemble(frames: list[_Frame], thickness: float, where: Path) -> tuple[np.ndarray, ...]:
     """Array ``(C, X, Y, Z)``, RAS affine and the Z order (indices into ``frames``)."""
+    check_dicom_frames(frames, thickness, where)
     shapes = {f.pixels.shape for f in frames}
     if len(shapes) > 1:
         raise MedsrError(f"{where}: slices differ in size (rows, columns, samples): {sorted(shapes)}",

@@ -12,6 +12,7 @@ from medsr.errors import Category, MedsrError
 from medsr.io.dicom_read import check_voxels, load_dicom
 from medsr.io.nifti import load_nifti
 from medsr.io.scan import Scan
+from medsr.io.validate import check_scan
 
 __all__ = ["load_scan"]
 
@@ -59,4 +60,5 @@ def load_scan(path: str | os.PathLike[str], series_uid: str | None = None,
             raise MedsrError(f"{path}: volume_index applies to 4D NIfTI files, not to DICOM")
         scan = load_dicom(path, series_uid=series_uid)
     check_voxels(scan.array, path)
+    check_scan(scan.array, scan.affine, path)
     return scan

@@ -12,6 +12,7 @@ import numpy as np
 from medsr.errors import Category, MedsrError
 from medsr.io.paths import atomic_path
 from medsr.io.scan import Scan
+from medsr.io.validate import check_nifti_header
 
 __all__ = ["load_nifti", "save_nifti"]
 
@@ -21,16 +22,21 @@ def load_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
     path = Path(path)
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)  # type: ignore[attr-defined]
     except Exception as exc:  # nibabel raises many types for truncated or foreign files
         raise MedsrError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})",
                           Category.UNREADABLE) from None
+    check_nifti_header(img, path)  # size, 5D, RGB, complex: refused before any voxel is decompressed
+    try:
+        data = np.asanyarray(img.dataobj)  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise MedsrError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})",
+                          Category.DAMAGED) from None
     data = np.squeeze(data, axis=tuple(range(4, data.ndim))) if data.ndim > 4 else data
     if data.ndim == 4:
         if volume_index is None:
             raise MedsrError(
                 f"{path}: 4D image with {data.shape[3]} volumes; "
-                f"choose one with volume_index (0..{data.shape[3]-1})", Category.UNSUPPORTED
+                f"choose one with --volume-index (0..{data.shape[3]-1})", Category.UNSUPPORTED
             )
         if not 0 <= volume_index < data.shape[3]:
             raise MedsrError(f"{path}: volume_index {volume_index} outside 0..{data.shape[3]-1}")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medsr.errors import Category, MedsrError
-from medsr.io.paths import sanitize_component
+from medsr.io.paths import output_name
 
 __all__ = ["Scan", "spacing_from_affine", "refined_affine", "coarse_affine", "crop_scan", "crop_to_factors"]
 
@@ -67,13 +66,7 @@ class Scan:
     @property
     def name(self) -> str:
         """A file-system-safe name for outputs: the file stem or folder name (never DICOM text)."""
-        p = Path(self.source)
-        stem = p.name
-        for suffix in (".nii.gz", ".nii", ".dcm", ".DCM"):
-            if stem.endswith(suffix):
-                stem = stem[: -len(suffix)]
-                break
-        return sanitize_component(stem or "scan")
+        return output_name(self.source)
 
     def with_array(self, array: np.ndarray, affine: np.ndarray | None = None) -> Scan:
         """A copy carrying another array (and optionally another affine), same metadata."""
