@@ -98,6 +98,7 @@ def enhance(
 
     from medsr.enhance import enhance_scan
     from medsr.io import load_scan
+    from medsr.io.paths import printable
     from medsr.io.refs import resolve_ref
     from medsr.model import load_model
     from medsr.outputs import plan_destinations, write_outputs
@@ -110,6 +111,7 @@ def enhance(
                                  project=projection, overlap=overlap, keep_samples=save_samples)
         loaded = load_model(resolve_model(model), device=resolve_device(device))
         sources = [resolve_ref(str(p)) for p in inputs]
+        spelled = {Path(src).resolve(): str(text) for src, text in zip(sources, inputs)}  # as the user typed it
         plan = plan_destinations(sources, out)  # one folder per input, never on an input
         for dest in plan:
             if dest.note:
@@ -128,7 +130,8 @@ def enhance(
                 result = enhance_scan(scan, loaded, options, progress)
             folder = write_outputs(scan, result, loaded, options, out, name=dest.folder.name, formats=formats,
                                    save_samples=save_samples, inputs=sources)
-            typer.echo(f"{path} -> {folder} (x{'x'.join(map(str, result.factors))}, uncertainty score "
+            shown = printable(spelled.get(Path(path).resolve(), str(path)))
+            typer.echo(f"{shown} -> {folder} (x{'x'.join(map(str, result.factors))}, uncertainty score "
                        f"{result.score.mean_std:.4f}, {result.timings['total_s']:.1f} s)")
     except MedsrError as exc:
         _fail(exc)
