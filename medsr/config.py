@@ -38,6 +38,35 @@ __all__ = [
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation of each high-resolution patch, applied BEFORE it is degraded (so the
+    low-resolution input is always the degradation of the target). Everything is off by default: configs and
+    checkpoints written without this section mean exactly what they meant.
+
+    Attributes:
+        flip_prob: probability of flipping each spatial axis of the patch.
+        rot90_prob: probability of a 90/180/270 degree rotation in the plane of two patch axes of equal size
+            (and equal degradation factors).
+        curve_prob: probability of a random monotone intensity curve (piecewise linear through
+            ``curve_points`` control points, fixed at the patch minimum and maximum).
+        curve_points: range of the number of control points of that curve.
+        gamma_prob: probability of a random gamma on the patch range (``gamma_range``).
+        gamma_range: the gamma is drawn uniformly in this range.
+        noise_prob: probability of adding Gaussian noise to the patch (so target and input both carry it).
+        noise_std: noise std in normalised units is drawn uniformly in ``[0, noise_std]``.
+    """
+
+    flip_prob: float = 0.0
+    rot90_prob: float = 0.0
+    curve_prob: float = 0.0
+    curve_points: tuple[int, int] = (5, 10)
+    gamma_prob: float = 0.0
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    noise_prob: float = 0.0
+    noise_std: float = 0.02
+
+
+@dataclass
 class DataConfig:
     """Which scans, and how patches are cut from them.
 
@@ -49,6 +78,7 @@ class DataConfig:
         foreground_fraction: share of patches centred on a foreground voxel (the rest uniformly anywhere).
         foreground_threshold: normalised intensity above which a voxel counts as foreground (air is about -1).
         num_workers: DataLoader worker processes.
+        augment: training-time augmentation (:class:`AugmentConfig`; off by default).
     """
 
     train: list[str] = field(default_factory=list)
@@ -58,6 +88,7 @@ class DataConfig:
     foreground_fraction: float = 0.9
     foreground_threshold: float = -0.8
     num_workers: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass

@@ -5,23 +5,40 @@ training run). Item ``i`` of a :class:`PatchDataset` is a pure function of ``(se
 slice and where (foreground-weighted, so patches of empty air are rare), and the degradation noise. Resuming
 a run at step ``s`` therefore sees exactly the patches the uninterrupted run would have seen, with any number
 of DataLoader workers. Train/validation split is by scan, by listing scans in ``data.train`` / ``data.val``.
+
+Optional training-time augmentation (:class:`medsr.config.AugmentConfig`, MONAI array transforms) changes the
+high-resolution patch before it is degraded, so every pair stays consistent; its random state comes from its
+own stream of ``(seed, rank, i)``, so turning it on changes neither which patch is cut nor the degradation.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandFlip,
+    RandGaussianNoise,
+    RandHistogramShift,
+    RandRotate90,
+    Transform,
+)
+from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
+from medsr.config import AugmentConfig
 from medsr.degrade import DegradeSpec, apply_degradation, draw_params, upsample
 from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig, fit_normaliser
 from medsr.io.refs import load_ref
 
-__all__ = ["Volume", "load_volumes", "PatchDataset"]
+__all__ = ["Volume", "load_volumes", "PatchDataset", "build_augment"]
 
 
 @dataclass
@@ -50,6 +67,55 @@ def load_volumes(refs: Sequence[str], intensity: IntensityConfig, threshold: flo
     return volumes
 
 
+def _check_prob(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise MedsrError(f"data.augment.{name} must be a probability in [0, 1], got {value}")
+
+
+def _rotation_axes(patch_size: Sequence[int], factors: Sequence[int]) -> tuple[int, int] | None:
+    """First pair of patch axes that a 90 degree rotation maps onto each other (equal size and factor)."""
+    n = len(patch_size)
+    for a in range(n):
+        for b in range(a + 1, n):
+            if patch_size[a] == patch_size[b] and factors[a] == factors[b]:
+                return a, b
+    return None
+
+
+def build_augment(cfg: AugmentConfig, patch_size: Sequence[int], factors: Sequence[int]) -> Compose | None:
+    """The MONAI transform chain for one channel-first HR patch, or None when every option is off.
+
+    Order: geometry (flips, 90 degree rotation), then intensity (monotone curve, gamma), then noise, so the
+    noise is not reshaped by the curves.
+    """
+    for name in ("flip_prob", "rot90_prob", "curve_prob", "gamma_prob", "noise_prob"):
+        _check_prob(name, getattr(cfg, name))
+    lo_pts, hi_pts = cfg.curve_points
+    if not 3 <= lo_pts <= hi_pts:
+        raise MedsrError(f"data.augment.curve_points must be (min, max) with 3 <= min <= max, got {cfg.curve_points}")
+    g_lo, g_hi = cfg.gamma_range
+    if not 0.0 < g_lo <= g_hi:
+        raise MedsrError(f"data.augment.gamma_range must be (min, max) with 0 < min <= max, got {cfg.gamma_range}")
+    if cfg.noise_std < 0:
+        raise MedsrError(f"data.augment.noise_std must be >= 0, got {cfg.noise_std}")
+    chain: list[Transform] = []
+    if cfg.flip_prob > 0:
+        chain += [RandFlip(prob=cfg.flip_prob, spatial_axis=a) for a in range(len(patch_size))]
+    if cfg.rot90_prob > 0:
+        axes = _rotation_axes(patch_size, factors)
+        if axes is None:
+            raise MedsrError(f"data.augment.rot90_prob: patch {tuple(patch_size)} with factors {tuple(factors)} has "
+                             "no two axes of equal size and factor to rotate in")
+        chain.append(RandRotate90(prob=cfg.rot90_prob, max_k=3, spatial_axes=axes))
+    if cfg.curve_prob > 0:
+        chain.append(RandHistogramShift(num_control_points=(lo_pts, hi_pts), prob=cfg.curve_prob))
+    if cfg.gamma_prob > 0:
+        chain.append(RandAdjustContrast(prob=cfg.gamma_prob, gamma=(g_lo, g_hi)))
+    if cfg.noise_prob > 0 and cfg.noise_std > 0:
+        chain.append(RandGaussianNoise(prob=cfg.noise_prob, std=cfg.noise_std))
+    return Compose(chain) if chain else None
+
+
 class PatchDataset(Dataset):
     """``length`` reproducible patch pairs from ``volumes``.
 
@@ -60,12 +126,14 @@ class PatchDataset(Dataset):
         length: number of items (training: steps x batch; validation: a fixed set).
         seed, rank: with the item index, all that decides an item.
         foreground_fraction: share of patches centred on a foreground voxel.
+        augment: training-time augmentation of the high-resolution patch before degradation (None: none).
 
     Items are dicts of float32 tensors: ``hr`` and ``cond`` ``(1, *patch_size)``, ``lowres`` ``(1, *patch/f)``.
     """
 
     def __init__(self, volumes: Sequence[Volume], spec: DegradeSpec, patch_size: Sequence[int], length: int,
-                 seed: int = 0, rank: int = 0, slice_axis: int = 2, foreground_fraction: float = 0.9) -> None:
+                 seed: int = 0, rank: int = 0, slice_axis: int = 2, foreground_fraction: float = 0.9,
+                 augment: AugmentConfig | None = None) -> None:
         if not volumes:
             raise MedsrError("no scans to cut patches from (data.train / data.val is empty)")
         if len(patch_size) != spec.spatial_dims:
@@ -79,6 +147,12 @@ class PatchDataset(Dataset):
         self.seed, self.rank = int(seed), int(rank)
         self.slice_axis = int(slice_axis)
         self.foreground_fraction = float(foreground_fraction)
+        self.augment = build_augment(augment, self.patch_size, spec.factors) if augment is not None else None
+        self._augment_state: np.random.RandomState | None = None
+        if self.augment is not None:
+            self._augment_state = np.random.RandomState(0)
+            for transform in self.augment.transforms:
+                transform.set_random_state(state=self._augment_state)
 
     def __len__(self) -> int:
         return self.length
@@ -109,6 +183,22 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
         vol = self.volumes[int(rng.integers(len(self.volumes)))]
         hr = torch.from_numpy(np.ascontiguousarray(self._crop(vol, rng)))[None, None].float()
+        if self.augment is not None:
+            hr = self._augment(hr[0], int(index))[None]
         lowres = apply_degradation(hr, draw_params(self.spec, rng))
         cond = upsample(lowres, self.spec.factors)
         return {"hr": hr[0], "cond": cond[0], "lowres": lowres[0]}
+
+    def _augment(self, patch: torch.Tensor, index: int) -> torch.Tensor:
+        """Augment one ``(1, *spatial)`` patch from the item's own augmentation stream (see module doc)."""
+        assert self.augment is not None and self._augment_state is not None
+        self._augment_state.seed([self.seed, self.rank, index, 1])  # all transforms draw from this one state
+        tracking = get_track_meta()
+        set_track_meta(False)  # plain tensors: MetaTensor bookkeeping would cost more than the transforms
+        try:
+            with warnings.catch_warnings():  # a constant patch (air) has no histogram to shift: unchanged is right
+                warnings.filterwarnings("ignore", message="The image's intensity is a single value")
+                out = self.augment(patch)
+        finally:
+            set_track_meta(tracking)
+        return convert_to_tensor(out, track_meta=False, dtype=torch.float32).contiguous()

@@ -149,7 +149,7 @@ def train(cfg: Config) -> TrainResult:
     volumes = load_volumes(cfg.data.train, cfg.intensity, cfg.data.foreground_threshold, seed=cfg.train.seed)
     total = cfg.train.steps * cfg.train.batch_size
     train_set = PatchDataset(volumes, spec, cfg.data.patch_size, total, cfg.train.seed, rank, cfg.data.slice_axis,
-                             cfg.data.foreground_fraction)
+                             cfg.data.foreground_fraction, augment=cfg.data.augment)
     indices = list(range(start * cfg.train.batch_size, total))
     loader = DataLoader(torch.utils.data.Subset(train_set, indices), batch_size=cfg.train.batch_size,
                         shuffle=False, num_workers=cfg.data.num_workers, drop_last=True,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from medsr.data import PatchDataset, Volume, load_volumes
+from medsr.config import AugmentConfig, load_config, to_dict
+from medsr.data import PatchDataset, Volume, build_augment, load_volumes
 from medsr.degrade import apply_degradation, draw_params, parse_spec, upsample
 from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig
@@ -133,3 +136,133 @@ def test_no_scans_raises() -> None:
 def test_missing_scan_raises_medsr_error(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(MedsrError):
         load_volumes([str(tmp_path / "nothing.nii.gz")], IntensityConfig())
+
+
+# --- training-time augmentation (data.augment) ---------------------------------------------------------------
+
+ALL_ON = AugmentConfig(flip_prob=0.5, rot90_prob=0.75, curve_prob=0.5, gamma_prob=0.5, noise_prob=0.5,
+                       noise_std=0.03)
+
+
+def _hr(ds: PatchDataset, n: int) -> list[torch.Tensor]:
+    return [ds[i]["hr"] for i in range(n)]
+
+
+def test_augment_off_is_the_identity(mni: list[Volume]) -> None:
+    """Defaults (and zero probabilities) give exactly the items a dataset without augmentation gives."""
+    spec = parse_spec("kspace:4x4,noise=0.03")
+    plain = PatchDataset(mni, spec, (32, 32), 20, seed=2)
+    assert build_augment(AugmentConfig(), (32, 32), (4, 4)) is None
+    for cfg in (AugmentConfig(), AugmentConfig(noise_std=0.5, gamma_range=(0.2, 3.0))):
+        off = PatchDataset(mni, spec, (32, 32), 20, seed=2, augment=cfg)
+        assert all(_same(plain[i], off[i]) for i in range(20))
+
+
+def test_augment_is_reproducible(mni: list[Volume]) -> None:
+    spec = parse_spec("block:4x4")
+    ds = PatchDataset(mni, spec, (32, 32), 30, seed=3, augment=ALL_ON)
+    first = [ds[i] for i in range(30)]
+    again = PatchDataset(mni, spec, (32, 32), 30, seed=3, augment=ALL_ON)
+    assert all(_same(first[i], again[i]) for i in (29, 0, 17, 5))  # any order, a fresh instance
+    assert all(_same(first[i], ds[i]) for i in reversed(range(30)))
+    other = PatchDataset(mni, spec, (32, 32), 30, seed=4, augment=ALL_ON)
+    assert not _same(first[7], other[7])
+
+
+def test_augment_changes_patches_when_on(mni: list[Volume]) -> None:
+    spec = parse_spec("block:4x4")
+    plain = _hr(PatchDataset(mni, spec, (32, 32), 40, seed=5), 40)
+    on = _hr(PatchDataset(mni, spec, (32, 32), 40, seed=5, augment=ALL_ON), 40)
+    changed = sum(not torch.equal(a, b) for a, b in zip(plain, on))
+    assert changed >= 32  # P(untouched) = 0.5^2 * 0.25 * 0.5^3 ~ 0.8%; air patches can survive the curves
+
+
+def test_flips_and_rotations_move_the_same_crop(mni: list[Volume]) -> None:
+    """Geometry transforms act on the patch the un-augmented dataset cuts, and do exactly what they say."""
+    spec = parse_spec("block:4x4")
+    plain = _hr(PatchDataset(mni, spec, (32, 32), 12, seed=6), 12)
+    flipped = _hr(PatchDataset(mni, spec, (32, 32), 12, seed=6, augment=AugmentConfig(flip_prob=1.0)), 12)
+    for a, b in zip(plain, flipped):
+        torch.testing.assert_close(b, torch.flip(a, dims=(1, 2)), rtol=0, atol=0)
+    rotated = _hr(PatchDataset(mni, spec, (32, 32), 12, seed=6, augment=AugmentConfig(rot90_prob=1.0)), 12)
+    ks = []
+    for a, b in zip(plain, rotated):
+        k = [k for k in (1, 2, 3) if torch.equal(b, torch.rot90(a, k, dims=(1, 2)))]
+        assert k, "not a 90/180/270 degree rotation of the crop"
+        ks.append(k[0])
+    assert len(set(ks)) >= 2  # the angle is drawn per item
+
+
+def test_intensity_curves_are_monotone_and_keep_the_range(mni: list[Volume]) -> None:
+    """Curve and gamma reorder no voxel values and keep the patch minimum and maximum (air stays air)."""
+    spec = parse_spec("block:4x4")
+    plain = _hr(PatchDataset(mni, spec, (32, 32), 10, seed=7, foreground_fraction=1.0), 10)
+    for cfg in (AugmentConfig(curve_prob=1.0), AugmentConfig(gamma_prob=1.0, gamma_range=(0.5, 2.0))):
+        out = _hr(PatchDataset(mni, spec, (32, 32), 10, seed=7, foreground_fraction=1.0, augment=cfg), 10)
+        for a, b in zip(plain, out):
+            order = torch.argsort(a.flatten())
+            assert torch.all(torch.diff(b.flatten()[order]) >= -1e-5)
+            torch.testing.assert_close(b.min(), a.min(), atol=1e-5, rtol=0)
+            torch.testing.assert_close(b.max(), a.max(), atol=1e-5, rtol=0)
+        assert sum(not torch.allclose(a, b, atol=1e-3) for a, b in zip(plain, out)) >= 8
+
+
+def test_noise_is_added_to_the_target_within_its_std(mni: list[Volume]) -> None:
+    spec = parse_spec("block:4x4")
+    plain = _hr(PatchDataset(mni, spec, (64, 64), 10, seed=8), 10)
+    noisy = _hr(PatchDataset(mni, spec, (64, 64), 10, seed=8, augment=AugmentConfig(noise_prob=1.0, noise_std=0.05)),
+                10)
+    stds = [float((b - a).std()) for a, b in zip(plain, noisy)]
+    assert all(s <= 0.05 * 1.1 for s in stds)
+    assert max(stds) > 0.01 and len(set(stds)) == len(stds)  # a std drawn per item
+
+
+@pytest.mark.parametrize(("spec", "patch"), [("block:4x4", (32, 32)), ("block:1x1x4", (16, 16, 16)),
+                                             ("kspace:4x4", (32, 32))])
+def test_augmented_items_are_consistent_pairs(mni: list[Volume], spec: str, patch: tuple[int, ...]) -> None:
+    """Augmentation happens before degradation: degrading the augmented target gives the input."""
+    parsed = parse_spec(spec)
+    ds = PatchDataset(mni, parsed, patch, 6, seed=9, augment=ALL_ON)
+    for i in range(len(ds)):
+        item = ds[i]
+        hr = item["hr"][None]
+        low = apply_degradation(hr, draw_params(parsed, np.random.default_rng()))
+        torch.testing.assert_close(item["lowres"][None], low)
+        torch.testing.assert_close(item["cond"][None], upsample(low, parsed.factors))
+
+
+def test_augment_through_a_worker_loader(mni: list[Volume]) -> None:
+    """Worker processes (pickled dataset) give the same augmented batches as the main process."""
+    ds = PatchDataset(mni, parse_spec("block:4x4"), (32, 32), 8, seed=10, augment=ALL_ON)
+    main = next(iter(torch.utils.data.DataLoader(ds, batch_size=8)))
+    worker = next(iter(torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1)))
+    assert _same(main, worker)
+    assert type(main["hr"]) is torch.Tensor
+
+
+@pytest.mark.parametrize(
+    ("cfg", "patch", "match"),
+    [
+        (AugmentConfig(flip_prob=1.5), (32, 32), "flip_prob"),
+        (AugmentConfig(noise_prob=-0.1), (32, 32), "noise_prob"),
+        (AugmentConfig(rot90_prob=0.5), (32, 16), "no two axes"),
+        (AugmentConfig(curve_prob=0.5, curve_points=(2, 5)), (32, 32), "curve_points"),
+        (AugmentConfig(gamma_prob=0.5, gamma_range=(1.5, 0.7)), (32, 32), "gamma_range"),
+    ],
+)
+def test_bad_augment_settings_raise(mni: list[Volume], cfg: AugmentConfig, patch: tuple[int, ...], match: str) -> None:
+    with pytest.raises(MedsrError, match=match):
+        PatchDataset(mni, parse_spec("block:4x4"), patch, 1, augment=cfg)
+
+
+def test_augment_section_in_configs() -> None:
+    """v0.1 configs (no augment section) load with augmentation off; the v2 config turns it on."""
+    root = Path(__file__).resolve().parents[1]
+    old = load_config(root / "configs" / "default_model.yaml")
+    assert old.data.augment == AugmentConfig()
+    v2 = load_config(root / "configs" / "inplane_v2.yaml", ["data.augment.noise_std=0.01"])
+    assert v2.data.augment.flip_prob > 0 and v2.data.augment.curve_prob > 0
+    assert v2.data.augment.noise_std == 0.01 and isinstance(v2.data.augment.gamma_range, tuple)
+    assert to_dict(v2)["data"]["augment"]["noise_std"] == 0.01
+    with pytest.raises(MedsrError, match="unknown keys"):
+        load_config(root / "configs" / "inplane_v2.yaml", ["data.augment.rotate=1"])
