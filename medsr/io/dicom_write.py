@@ -40,7 +40,7 @@ from medsr.io.dicom_read import LPS_TO_RAS, _functional, _plane, check_voxels
 from medsr.io.paths import atomic_path
 from medsr.io.scan import Scan
 
-__all__ = ["save_dicom_series", "RESEARCH_USE", "software_versions", "code_item", "source_images"]
+__all__ = ["save_dicom_series", "grid", "RESEARCH_USE", "software_versions", "code_item", "source_images"]
 
 RESEARCH_USE = "medsr research output, not for diagnostic use"
 _SOP_CLASS = {"CT": CTImageStorage, "MR": MRImageStorage}
@@ -105,7 +105,7 @@ def _rescale(values: np.ndarray, modality: str) -> tuple[float, float]:
     return slope, float(_ds((hi + lo) / 2.0))
 
 
-def _grid(affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
+def grid(affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
     """Row/column directions, spacings, slice origins (LPS) and Z order of a RAS affine, as DICOM needs them.
 
     DICOM can only describe an orthogonal grid whose slices step along the row x column normal; a scan whose
@@ -304,7 +304,7 @@ def save_dicom_series(scan: Scan, reference: Scan, out_dir: str | os.PathLike[st
     for p in old:
         p.unlink()
     values = np.asarray(scan.array[0], dtype=np.float64)  # (X, Y, Z)
-    row, col, sizes, origins, order = _grid(scan.affine, scan.spatial_shape)
+    row, col, sizes, origins, order = grid(scan.affine, scan.spatial_shape)
     ref = reference.dicom_headers[0] if reference.dicom_headers else None
     modality = scan.modality or (str(ref.get("Modality", "")) if ref is not None else "") or "OT"
     base = _base(reference, modality, description, series_number)
