@@ -125,6 +125,13 @@ def grid(affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, .
     return row, col, sizes, origins, order
 
 
+def _orientation(direction: np.ndarray) -> str:
+    """PatientOrientation letters of an LPS direction: its main components (|c| >= 0.1), largest first."""
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))
+    order = np.argsort(-np.abs(direction), kind="stable")
+    return "".join(letters[i][0 if direction[i] > 0 else 1] for i in order if abs(direction[i]) >= 0.1)
+
+
 def source_images(reference: Scan) -> list[tuple[Dataset, int | None]]:
     """The reference's images in its Z order: (header, frame number or None for a single-frame file).
 
@@ -239,7 +246,9 @@ def _base(reference: Scan, modality: str, description: str, series_number: int |
     if ref is not None:
         _lift_functional(ds, ref)
     if ref is None:
-        ds.PatientName, ds.PatientID = "ANONYMOUS", "ANONYMOUS"
+        ds.PatientName, ds.PatientID = "ANONYMOUS^", "ANONYMOUS"
+    if not {"Laterality", "ImageLaterality", "BodyPartExamined"} & set(ds.dir()):
+        ds.Laterality = ""  # type 2C, needed for a paired body part: the part and its side are unknown
     for kw in ("StudyInstanceUID", "FrameOfReferenceUID"):
         if not ds.get(kw):
             setattr(ds, kw, generate_uid())
@@ -262,7 +271,7 @@ def _base(reference: Scan, modality: str, description: str, series_number: int |
     ds.SoftwareVersions = software_versions(ref)
     ds.SOPClassUID = _SOP_CLASS.get(modality, SecondaryCaptureImageStorage)
     if ds.SOPClassUID == SecondaryCaptureImageStorage:
-        ds.ConversionType = "WSD"  # workstation
+        ds.ConversionType = "WSD"  # workstation; the SC IOD has no image plane module, so PatientOrientation
     elif modality == "MR":
         ds.ScanningSequence = ds.get("ScanningSequence") or "RM"  # type 1: research mode when unknown
         ds.SequenceVariant = ds.get("SequenceVariant") or "NONE"
@@ -322,6 +331,8 @@ def save_dicom_series(scan: Scan, reference: Scan, out_dir: str | os.PathLike[st
     base.PixelSpacing = [_ds(sizes[1]), _ds(sizes[0])]  # [row spacing (along Y), column spacing (along X)]
     base.SliceThickness = base.SpacingBetweenSlices = _ds(sizes[2])
     base.ImageOrientationPatient = [_ds(v) for v in (*row, *col)]
+    if base.SOPClassUID == SecondaryCaptureImageStorage:
+        base.PatientOrientation = [_orientation(row), _orientation(col)]
     normal = np.cross(row, col)
     sources = source_images(reference)
     nearest = _nearest_sources(reference, scan.affine, origins)

@@ -247,10 +247,16 @@ def _errors(path: Path) -> set[str]:
 
 
 @NEEDS_DICOM3TOOLS
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "eCT_Supplemental.dcm", "series"])
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "eCT_Supplemental.dcm", "series",
+                                  "no DICOM source"])
 def test_dicom3tools_find_no_new_errors(name: str, ct_series, tmp_path: Path):
-    src = ct_series[1] if name == "series" else [datafile(name)]
-    reference = load_dicom(ct_series[0] if name == "series" else src[0])
+    if name == "no DICOM source":  # e.g. a NIfTI input written as DICOM: secondary capture, no references
+        src: list[Path] = []
+        reference = Scan(array=np.random.default_rng(2).normal(0, 1, (1, 6, 5, 2)).astype(np.float32),
+                         affine=np.diag([1.5, 1.5, 2.0, 1.0]))
+    else:
+        src = ct_series[1] if name == "series" else [datafile(name)]
+        reference = load_dicom(ct_series[0] if name == "series" else src[0])
     mean, std = _refined(reference, (2, 2, 1 if len(src) == 1 else 2))
     images, pm = write_dicom(reference, type("R", (), {"mean": mean, "std": std})(), tmp_path, "medsr", 4)
     source_errors = set().union(*(_errors(p) for p in src))
