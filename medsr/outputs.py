@@ -1,7 +1,8 @@
 """Write what ``medsr enhance`` produces for one scan into ``OUT/NAME/``, every file atomically.
 
 ``mean.nii.gz``, ``std.nii.gz``, ``q05.nii.gz``, ``q95.nii.gz`` on the refined grid; ``review.png``;
-``report.json``; for DICOM output ``dicom_mean/`` and ``dicom_std/`` derived series; ``samples.nii.gz``
+``report.json``; for DICOM output ``dicom_mean/`` (derived image series) and ``dicom_std/`` (the
+uncertainty as one Parametric Map, see :mod:`medsr.io.dicom_pmap`); ``samples.nii.gz``
 (4D, one volume per sample) on request. ``report.json`` is written last, so its presence marks a finished item.
 The whole folder is built privately and renamed into place (see :func:`write_outputs`), and
 :func:`plan_destinations` gives every input of a run its own folder, never on or around an input.
@@ -25,7 +26,8 @@ import numpy as np
 from medsr import __version__
 from medsr.enhance import EnhanceOptions, EnhanceResult
 from medsr.errors import MedsrError
-from medsr.io import Scan, atomic_path, safe_join, sanitize_component, save_dicom_series, save_nifti
+from medsr.io import Scan, atomic_path, safe_join, sanitize_component, save_nifti
+from medsr.io.dicom_pmap import write_dicom
 from medsr.io.paths import output_name
 from medsr.model import LoadedModel
 from medsr.review import review_figure
@@ -201,8 +203,7 @@ def _write_all(scan: Scan, result: EnhanceResult, model: LoadedModel, options: E
     if formats in ("dicom", "both"):
         scale = "x".join(str(f) for f in result.factors)
         n = options.samples
-        save_dicom_series(result.mean, scan, folder / "dicom_mean", f"medsr SR3 {scale} enhanced (mean of {n})")
-        save_dicom_series(result.std, scan, folder / "dicom_std", f"medsr SR3 {scale} uncertainty (std of {n})")
+        write_dicom(scan, result, folder, f"medsr SR3 {scale}", n)
         written += ["dicom_mean/", "dicom_std/"]
     if save_samples and result.samples is not None:
         samples = Scan(array=result.samples.astype(np.float32), affine=result.mean.affine,
