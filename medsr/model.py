@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from monai.networks.nets import DiffusionModelUNet
 from medsr.config import Config, ModelConfig, config_from_dict, to_dict
 from medsr.errors import MedsrError
 from medsr.io.paths import atomic_path
+from medsr.uncertainty import ModelCalibration, as_model_calibration
 
 __all__ = ["build_unet", "denoise", "save_checkpoint", "load_checkpoint", "LoadedModel", "load_model", "file_sha256",
            "export_model", "checkpoint_payload", "write_untrained_checkpoint"]
@@ -104,7 +105,7 @@ class LoadedModel:
     path: str
     sha256: str
     step: int
-    calibration: float = 1.0  # multiplies the sample spread (fitted on a calibration split; 1 = none)
+    calibration: ModelCalibration = field(default_factory=ModelCalibration)  # per modality (medsr.uncertainty)
 
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
@@ -122,18 +123,19 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     load_state_strict(net, {k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}, str(path))
     net.to(device).eval()
     return LoadedModel(net, cfg, str(path), file_sha256(path), int(ckpt.get("step", 0)),
-                       float(ckpt.get("calibration", 1.0)))
+                       ModelCalibration.from_checkpoint(ckpt.get("calibration"), str(path)))
 
 
 def checkpoint_payload(cfg: Config, ema_state: dict[str, torch.Tensor], *,
                        model_state: dict[str, torch.Tensor] | None = None,
                        optimizer_state: dict[str, Any] | None = None, step: int = 0,
-                       rng: list[torch.Tensor] | None = None, calibration: float = 1.0) -> dict[str, Any]:
+                       rng: list[torch.Tensor] | None = None,
+                       calibration: float | dict[str, Any] | ModelCalibration = 1.0) -> dict[str, Any]:
     """The keys every training checkpoint holds (what ``train`` writes, ``load_model`` and resuming read)."""
     return {"model": ema_state if model_state is None else model_state, "ema": ema_state,
             "optimizer": {} if optimizer_state is None else optimizer_state, "step": int(step),
             "rng": list(rng or []), "config": to_dict(cfg), "normalisation": to_dict(cfg.intensity),
-            "calibration": float(calibration)}
+            "calibration": as_model_calibration(calibration).to_checkpoint()}
 
 
 def write_untrained_checkpoint(path: str | os.PathLike[str], cfg: Config, *, seed: int = 0, out_std: float = 0.02,
@@ -152,7 +154,8 @@ def write_untrained_checkpoint(path: str | os.PathLike[str], cfg: Config, *, see
     return save_checkpoint(path, checkpoint_payload(cfg, state, model_state=state, step=step))
 
 
-def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], calibration: float = 1.0,
+def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
+                 calibration: float | dict[str, Any] | ModelCalibration = 1.0,
                  extra: dict[str, Any] | None = None) -> Path:
     """Write a release checkpoint: EMA weights only, in float16 (half the size), config, step, calibration.
 
@@ -162,6 +165,7 @@ def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
     ckpt = load_checkpoint(checkpoint)
     ema = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["ema"].items()}
     payload = {"ema": ema, "config": ckpt["config"], "step": int(ckpt.get("step", 0)),
-               "normalisation": ckpt.get("normalisation", {}), "calibration": float(calibration),
+               "normalisation": ckpt.get("normalisation", {}),
+               "calibration": as_model_calibration(calibration).to_checkpoint(),
                "provenance": dict(extra or {})}
     return save_checkpoint(out, payload)

@@ -172,8 +172,9 @@ def _discover(manifest: Manifest, src: Path, dst: Path) -> None:
 
 
 def _report_score(folder: Path) -> float | None:
+    """The item's ranking score from its report: the mean calibrated 90% half-width in % of range."""
     try:
-        return float(json.loads((folder / "report.json").read_text())["score"]["mean_std_fraction_of_range"])
+        return float(json.loads((folder / "report.json").read_text())["score"]["value"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
