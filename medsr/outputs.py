@@ -65,8 +65,7 @@ def build_report(scan: Scan, result: EnhanceResult, model: LoadedModel, options:
                   "scan_units": _units(scan),
                   "mean_std_fraction_of_range": result.score.mean_std,
                   "body_voxels": result.score.body_voxels},
-        "interval": {"low": 0.05, "high": 0.95, "method": result.interval_method,
-                     "calibrated": result.info.get("calibration", {}).get("applied", "none") != "none"},
+        "interval": {"low": 0.05, "high": 0.95, "method": result.interval_method},
         "data_consistency": result.consistency,
     }
 
