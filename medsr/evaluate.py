@@ -68,7 +68,8 @@ from medsr.uncertainty import (
 )
 
 __all__ = ["coarse_affine", "crop_to_factors", "Degraded", "degrade_scan", "fit_spread_calibration",
-           "forward_operator", "ScanEvaluation", "Evaluation", "evaluate_scans", "write_evaluation", "format_table", "METHODS"]
+           "forward_operator", "ScanEvaluation", "Evaluation", "evaluate_scans", "write_evaluation", "format_table",
+           "METHODS"]
 
 METHODS = ("interpolation", "sample", "mean")
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # central intervals of the calibration curve
@@ -354,7 +355,8 @@ def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | Deg
                                   "spread": "raw samples (before calibration)"},
                         "spearman_pooled": spearman(all_std, all_err),
                         "spearman_score_vs_error_across_scans": spearman(
-                            [r["halfwidth_body_pct"] for r in mean_rows], [r["abs_error_body_pct"] for r in mean_rows])},
+                            [r["halfwidth_body_pct"] for r in mean_rows],
+                            [r["abs_error_body_pct"] for r in mean_rows])},
         "refit": {"in_sample": not calib, "fitted_on": [s.source for s in (calib or evaluated)],
                   "basis": "std", "per_modality": _refit(calib or evaluated, evaluated)},
         "scans": [{"name": s.name, **s.info, "rows": s.rows} for s in evaluated],

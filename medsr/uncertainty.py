@@ -26,9 +26,10 @@ import torch
 
 from medsr.errors import MedsrError
 
-__all__ = ["RunningStats", "interval", "ScanScore", "uncertainty_score", "coverage", "coverage_by_quartile", "NORMAL_Z",
-           "normalised_scores", "image_risk", "hb_p_value", "ScaleFit", "calibrate_scale", "Calibration",
-           "ModelCalibration", "as_model_calibration", "fit_spread_calibration", "pooled_scale", "patch_means", "spearman"]
+__all__ = ["RunningStats", "interval", "ScanScore", "uncertainty_score", "coverage", "coverage_by_quartile",
+           "NORMAL_Z", "normalised_scores", "image_risk", "hb_p_value", "ScaleFit", "calibrate_scale", "Calibration",
+           "ModelCalibration", "as_model_calibration", "fit_spread_calibration", "pooled_scale", "patch_means",
+           "spearman"]
 
 # z of the central 90% interval of a normal distribution (5th-95th percentile)
 NORMAL_Z = 1.6448536269514722
@@ -296,15 +297,18 @@ class Calibration:
         return self.scale / NORMAL_Z if self.basis == "std" else self.scale
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON (a bound that does not exist, inf, is stored as None)."""
         return {"scale": float(self.scale), "basis": self.basis, "alpha": float(self.alpha),
                 "delta": float(self.delta), "guarantee": self.guarantee, "n": int(self.n),
-                "scans": list(self.scans), "details": {k: float(v) for k, v in self.details.items()}}
+                "scans": list(self.scans),
+                "details": {k: float(v) if math.isfinite(v) else None for k, v in self.details.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
         return cls(float(d["scale"]), str(d.get("basis", "std")), float(d.get("alpha", ALPHA)),
                    float(d.get("delta", DELTA)), str(d.get("guarantee", "none")), int(d.get("n", 0)),
-                   tuple(str(s) for s in d.get("scans", ())), {k: float(v) for k, v in d.get("details", {}).items()})
+                   tuple(str(s) for s in d.get("scans", ())),
+                   {k: math.inf if v is None else float(v) for k, v in d.get("details", {}).items()})
 
 
 CALIBRATION_FORMAT = 2  # v0.1 checkpoints store a bare float (the single spread factor)
@@ -401,7 +405,7 @@ def patch_means(vol: np.ndarray, patch: Sequence[int]) -> np.ndarray:
     return v.reshape(n[0], patch[0], n[1], patch[1], n[2], patch[2]).mean(axis=(1, 3, 5)).ravel()
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN with fewer than 3 values or a constant input."""
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,8 +29,21 @@ from medsr.io.paths import atomic_path
 from medsr.io.refs import load_ref
 from medsr.io.scan import Scan
 from medsr.model import LoadedModel, load_model
+from medsr.uncertainty import (
+    Calibration,
+    ModelCalibration,
+    calibrate_scale,
+    coverage,
+    coverage_by_quartile,
+    interval,
+    normalised_scores,
+    patch_means,
+    pooled_scale,
+    spearman,
+)
 from pipelines.model_card_study import centre_crop
 
+PATCH = 8  # in-plane patch of the per-patch rank correlation, as in medsr.evaluate
 INIA19 = "/usr/share/mricron/templates/inia19-t1-brain.nii.gz"
 
 
@@ -53,7 +65,7 @@ HELD_OUT = (
     HeldOut("MR2_UNCR", "pydicom:MR2_UNCR.dcm", "MR"),
     HeldOut("inia19", INIA19, "MR", slices=(40, 60, 80)),
     HeldOut("MR_small", "pydicom:MR_small.dcm", "MR"),
-    HeldOut("anatomical", "nibabel:anatomical.nii", "MR"),
+    HeldOut("anatomical", "nibabel:anatomical.nii", "MR", slices=(6, 9, 12, 15, 18)),
 )
 # split by scan within each modality: lambda is fitted on CALIBRATION, everything else reports
 CALIBRATION = ("bad_sequence", "eCT_Supplemental", "MR2_UNCR", "inia19")
@@ -93,8 +105,125 @@ def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache
     cache.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **out)
+            np.savez_compressed(fh, truth=out["truth"], samples=out["samples"], range=out["range"])
     return out
+
+
+@dataclass
+class ScanStats:
+    """One held-out scan reduced to what calibration needs (body voxels, normalised units)."""
+
+    name: str
+    modality: str
+    truth: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray  # raw sample std
+    q_lo: np.ndarray  # raw empirical 5% / 95% quantiles of the samples
+    q_hi: np.ndarray
+    body: np.ndarray
+    half_range: float  # scan units per normalised unit (HU for CT)
+
+    def scores(self, basis: str) -> np.ndarray:
+        lo, hi = (self.mean - self.std, self.mean + self.std) if basis == "std" else (self.q_lo, self.q_hi)
+        return normalised_scores(self.truth, self.mean, lo, hi)[self.body]
+
+    def bounds(self, cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
+        if cal.basis == "std":
+            return self.mean - cal.scale * self.std, self.mean + cal.scale * self.std
+        return self.mean + cal.scale * (self.q_lo - self.mean), self.mean + cal.scale * (self.q_hi - self.mean)
+
+
+def scan_stats(name: str, modality: str, data: dict[str, np.ndarray], threshold: float,
+               samples: int | None = None) -> ScanStats:
+    x = torch.from_numpy(data["samples"][:samples] if samples else data["samples"]).float()
+    mean, std = x.mean(0), x.std(0)
+    lo, hi, _ = interval(mean, std, x)  # raw: what enhance computes before calibration
+    truth = data["truth"]
+    return ScanStats(name, modality, truth, mean.numpy(), std.numpy(), lo.numpy(), hi.numpy(), truth > threshold,
+                     float(np.mean(data["range"])) / 2.0)
+
+
+def measure(s: ScanStats, cal: Calibration) -> dict[str, Any]:
+    """Coverage, width (scan units and % of range), coverage by width quartile, per-patch Spearman, error."""
+    lo, hi = s.bounds(cal)
+    half = 0.5 * (hi - lo)[s.body]
+    patch = [PATCH, PATCH, 1]
+    keep = patch_means(s.body.astype(np.float32), patch) >= 0.5
+    rho = spearman(patch_means(s.std, patch)[keep], patch_means(np.abs(s.mean - s.truth), patch)[keep])
+    return {"coverage": coverage(s.truth, lo, hi, s.body), "halfwidth": float(half.mean()) * s.half_range,
+            "halfwidth_pct": 50.0 * float(half.mean()), "quartiles": coverage_by_quartile(s.truth, lo, hi, s.body),
+            "spearman_patch": rho, "abs_error_pct": 50.0 * float(np.abs(s.mean - s.truth)[s.body].mean()),
+            "voxels": int(s.body.sum())}
+
+
+def fit(stats: list[ScanStats], basis: str) -> Calibration:
+    """λ per the issue-12 procedure on these scans (one unit per scan): RCPS/CRC when n allows, else empirical."""
+    f = calibrate_scale([s.scores(basis) for s in stats])
+    scale, guarantee = f.choose()
+    return Calibration(scale, basis, f.alpha, f.delta, guarantee, f.n, tuple(s.name for s in stats),
+                       {"empirical": f.empirical, "crc": f.crc, "rcps": f.rcps, "hoeffding_slack": f.hoeffding_slack,
+                        "crc_min_n": f.crc_min_n, "rcps_min_n": f.rcps_min_n})
+
+
+def group(s: ScanStats) -> str:
+    return "CT" if s.modality == "CT" else "MR"
+
+
+def study(stats: list[ScanStats], v01: float) -> dict[str, Any]:
+    """All methods on the reporting split and leave-one-scan-out; returns the tables as a dict."""
+    calib = [s for s in stats if s.name in CALIBRATION]
+    report = [s for s in stats if s.name not in CALIBRATION]
+    methods: dict[str, dict[str, Calibration]] = {
+        "raw 5-95% (uncalibrated)": {g: Calibration(1.0, "quantile") for g in ("CT", "MR")},
+        f"v0.1 single factor {v01:g}": {g: Calibration(v01, "quantile") for g in ("CT", "MR")},
+        "single factor refit (pooled voxels, all modalities)": {
+            g: Calibration(pooled_scale([s.scores("quantile") for s in calib]), "quantile") for g in ("CT", "MR")},
+    }
+    for basis in ("std", "quantile"):
+        methods[f"per-scan risk, per modality, basis {basis}"] = {
+            g: fit([s for s in calib if group(s) == g], basis) for g in ("CT", "MR")}
+    out: dict[str, Any] = {"calibration_split": [s.name for s in calib], "reporting_split": [s.name for s in report],
+                           "methods": {}}
+    for label, cals in methods.items():
+        rows = {s.name: measure(s, cals[group(s)]) for s in report}
+        loo = {}
+        for s in stats:  # leave one scan out: λ from the other scans of the same modality
+            others = [o for o in stats if group(o) == group(s) and o is not s]
+            if label.startswith("per-scan"):
+                cal = fit(others, cals[group(s)].basis)
+            elif label.startswith("single factor refit"):
+                cal = Calibration(pooled_scale([o.scores("quantile") for o in stats if o is not s]), "quantile")
+            else:
+                cal = cals[group(s)]
+            loo[s.name] = measure(s, cal)
+        pooled_in = sum(r["coverage"] * r["voxels"] for r in rows.values()) / sum(r["voxels"] for r in rows.values())
+        out["methods"][label] = {"calibration": {g: c.to_dict() for g, c in cals.items()}, "report": rows,
+                                 "pooled_coverage": pooled_in, "loo": loo,
+                                 "loo_pooled_coverage": sum(r["coverage"] * r["voxels"] for r in loo.values())
+                                 / sum(r["voxels"] for r in loo.values()),
+                                 "spearman_across_scans_loo": spearman([r["halfwidth_pct"] for r in loo.values()],
+                                                                       [r["abs_error_pct"] for r in loo.values()])}
+    return out
+
+
+def print_tables(result: dict[str, Any], stats: list[ScanStats]) -> None:
+    units = {s.name: ("HU" if s.modality == "CT" else "% range") for s in stats}
+    for split in ("report", "loo"):
+        print(f"\n### {'reporting split' if split == 'report' else 'leave one scan out (all scans)'}\n")
+        print("| method | scan | coverage 90% | mean half-width | half-width % range | coverage by width quartile "
+              "| Spearman per patch |")
+        print("|---|---|---|---|---|---|---|")
+        for label, m in result["methods"].items():
+            for name, r in m[split].items():
+                hw = f"{r['halfwidth']:.1f} HU" if units[name] == "HU" else f"{r['halfwidth_pct']:.2f} %"
+                q = " / ".join(f"{v:.2f}" for v in r["quartiles"])
+                print(f"| {label} | {name} | {r['coverage']:.3f} | {hw} | {r['halfwidth_pct']:.2f} | {q} "
+                      f"| {r['spearman_patch']:.2f} |")
+            pooled = m["pooled_coverage"] if split == "report" else m["loo_pooled_coverage"]
+            print(f"| {label} | **pooled** | **{pooled:.3f}** | | | | |")
+    print("\nSpearman across scans (score = mean calibrated half-width % vs mean |error| %, LOO λ):")
+    for label, m in result["methods"].items():
+        print(f"  {label}: {m['spearman_across_scans_loo']:.2f}")
 
 
 def main() -> None:
@@ -105,7 +234,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--only-cache", action="store_true")
-    parser.add_argument("--export", default=None, help="write the model with the new calibration here")
+    parser.add_argument("--export", default=None, help="write the chosen calibration (JSON) here, for "
+                        "pipelines.export_default_model --calibration-json")
+    parser.add_argument("--basis", default="std", choices=["std", "quantile"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model)
@@ -117,7 +248,31 @@ def main() -> None:
         print(f"{item.name}: {data[item.name]['truth'].shape} in {time.perf_counter() - t:.1f} s", flush=True)
     if args.only_cache:
         return
-    raise SystemExit("statistics: see below")
+    threshold = model.config.data.foreground_threshold
+    modality = {h.name: h.modality for h in HELD_OUT}
+    stats = [scan_stats(n, modality[n], d, threshold) for n, d in data.items()]
+    v01 = 5.269
+    result = study(stats, v01)
+    result["samples_study"] = {}
+    for n_samples in (4, 8):  # sample-count honesty: the same procedure with fewer samples per voxel
+        sub = [scan_stats(n, modality[n], d, threshold, n_samples) for n, d in data.items()]
+        r = study(sub, v01)["methods"]
+        result["samples_study"][n_samples] = {
+            k: {"pooled": v["pooled_coverage"], "loo_pooled": v["loo_pooled_coverage"],
+                "loo_per_scan": {s: x["coverage"] for s, x in v["loo"].items()},
+                "loo_halfwidth_pct": {s: x["halfwidth_pct"] for s, x in v["loo"].items()}} for k, v in r.items()}
+    print_tables(result, stats)
+    print(json.dumps(result["samples_study"], indent=1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "calibration_study.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=lambda v: None))
+    if args.export:
+        chosen = result["methods"][f"per-scan risk, per modality, basis {args.basis}"]["calibration"]
+        cal = ModelCalibration({g: Calibration.from_dict(c) for g, c in chosen.items()})
+        print(json.dumps(cal.to_checkpoint(), indent=1))
+        with atomic_path(Path(args.export)) as tmp:
+            tmp.write_text(json.dumps(cal.to_checkpoint(), indent=2))
 
 
 if __name__ == "__main__":

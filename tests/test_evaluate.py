@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 from medsr.cli import app
 from medsr.config import load_config
 from medsr.degrade import block_average, kspace_truncate, parse_spec
-from medsr.enhance import choose_slice_axis
-from medsr.enhance import EnhanceOptions, enhance_scan
+from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan
 from medsr.evaluate import coarse_affine, crop_to_factors, degrade_scan
 from medsr.io import load_scan, refined_affine, save_nifti
 from medsr.io.refs import resolve_ref
