@@ -14,6 +14,7 @@ modality. The single-factor v0.1 method is measured side by side. Prints markdow
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ from medsr.uncertainty import (
 )
 from pipelines.model_card_study import centre_crop
 
+STEPS = 10  # DDIM steps of the cached enhancement (the defaults); set from --steps
 PATCH = 8  # in-plane patch of the per-patch rank correlation, as in medsr.evaluate
 INIA19 = "/usr/share/mricron/templates/inia19-t1-brain.nii.gz"
 
@@ -78,12 +80,21 @@ def slice_scan(scan: Scan, z: int) -> Scan:
     return scan.with_array(scan.array[..., z:z + 1], scan.affine @ shift)
 
 
+def weights_id(model: LoadedModel) -> str:
+    """A short hash of the network weights (not of the file: re-exporting with a new calibration keeps the cache)."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.net.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().half().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
 def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache: Path) -> dict[str, np.ndarray]:
     """Truth, body mask and the samples (all normalised with the truth's normaliser) for every slice of ``item``.
 
-    Slices are concatenated along Z. Cached as ``cache/NAME-<sha8>-s<samples>-k<steps>.npz``.
+    Slices are concatenated along Z. Cached as ``cache/NAME-<weights id>-s<samples>-k<steps>-c<crop>.npz``.
     """
-    key = f"{item.name}-{model.sha256[:8]}-s{opt.samples}-k{opt.steps}-c{item.crop}"
+    key = f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}"
     path = cache / f"{key}.npz"
     if path.is_file():
         with np.load(path) as z:
@@ -122,6 +133,7 @@ class ScanStats:
     q_hi: np.ndarray
     body: np.ndarray
     half_range: float  # scan units per normalised unit (HU for CT)
+    samples: int  # diffusion samples per voxel behind mean and std
 
     def scores(self, basis: str) -> np.ndarray:
         lo, hi = (self.mean - self.std, self.mean + self.std) if basis == "std" else (self.q_lo, self.q_hi)
@@ -140,7 +152,7 @@ def scan_stats(name: str, modality: str, data: dict[str, np.ndarray], threshold:
     lo, hi, _ = interval(mean, std, x)  # raw: what enhance computes before calibration
     truth = data["truth"]
     return ScanStats(name, modality, truth, mean.numpy(), std.numpy(), lo.numpy(), hi.numpy(), truth > threshold,
-                     float(np.mean(data["range"])) / 2.0)
+                     float(np.mean(data["range"])) / 2.0, int(x.shape[0]))
 
 
 def measure(s: ScanStats, cal: Calibration) -> dict[str, Any]:
@@ -162,7 +174,8 @@ def fit(stats: list[ScanStats], basis: str) -> Calibration:
     scale, guarantee = f.choose()
     return Calibration(scale, basis, f.alpha, f.delta, guarantee, f.n, tuple(s.name for s in stats),
                        {"empirical": f.empirical, "crc": f.crc, "rcps": f.rcps, "hoeffding_slack": f.hoeffding_slack,
-                        "crc_min_n": f.crc_min_n, "rcps_min_n": f.rcps_min_n})
+                        "crc_min_n": f.crc_min_n, "rcps_min_n": f.rcps_min_n,
+                        "samples": float(stats[0].samples), "steps": float(STEPS)})
 
 
 def group(s: ScanStats) -> str:
@@ -239,6 +252,8 @@ def main() -> None:
     parser.add_argument("--basis", default="std", choices=["std", "quantile"])
     args = parser.parse_args()
     torch.set_num_threads(1)
+    global STEPS
+    STEPS = args.steps
     model = load_model(args.model)
     opt = EnhanceOptions(samples=args.samples, steps=args.steps, seed=0, device="cpu")
     data: dict[str, dict[str, Any]] = {}
