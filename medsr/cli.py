@@ -131,8 +131,9 @@ def enhance(
             folder = write_outputs(scan, result, loaded, options, out, name=dest.folder.name, formats=formats,
                                    save_samples=save_samples, inputs=sources)
             shown = printable(spelled.get(Path(path).resolve(), str(path)))
-            typer.echo(f"{shown} -> {folder} (x{'x'.join(map(str, result.factors))}, uncertainty score "
-                       f"{result.score.mean_std:.4f}, {result.timings['total_s']:.1f} s)")
+            typer.echo(f"{shown} -> {folder} (x{'x'.join(map(str, result.factors))}, 90% interval "
+                       f"±{result.score.halfwidth:.3g} {'HU' if scan.modality.upper() == 'CT' else 'units'} "
+                       f"({result.score.value:.2f}% of range), {result.timings['total_s']:.1f} s)")
     except MedsrError as exc:
         _fail(exc)
 

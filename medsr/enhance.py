@@ -97,6 +97,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         raise MedsrError(f"slice_axis must be 0, 1 or 2, got {opt.slice_axis}")
     factors = volume_factors(spec, axis)
     norm = fit_normaliser(scan.array, scan.modality, cfg.intensity)
+    cal, cal_key = model.calibration.for_modality(scan.modality)
     low = torch.from_numpy(norm.normalise(scan.array[0]))
     if axis is not None:  # 2D model
         low = low.movedim(axis, 0)[:, None]  # (S, 1, A, B): slices as a batch
@@ -147,8 +148,8 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         all_samples = torch.cat(samples)
         mean = stats.mean.float()  # type: ignore[union-attr]
         raw_std = stats.std().float()
-        std = raw_std * model.calibration
-        q_lo, q_hi, method = interval(mean, raw_std, all_samples, calibration=model.calibration)
+        std = raw_std * cal.std_factor
+        q_lo, q_hi, method = interval(mean, raw_std, all_samples, calibration=cal)
         for key, value in (("mean", mean), ("std", std), ("q05", q_lo), ("q95", q_hi)):
             outs[key][start:stop] = value
         if kept is not None:
@@ -156,7 +157,8 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
     t2 = time.perf_counter()
     consistency = _consistency(outs["mean"], low, spec, norm)
     body = outs["mean"].numpy() > cfg.data.foreground_threshold
-    score = uncertainty_score(outs["std"].numpy(), body)
+    score = uncertainty_score(0.5 * (outs["q95"] - outs["q05"]).numpy(), outs["std"].numpy(), body,
+                              0.5 * (norm.hi - norm.lo))
 
     def to_volume(t: torch.Tensor) -> np.ndarray:
         v = t.movedim(0, axis) if axis is not None else t[0]
@@ -172,7 +174,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         kept_np = np.stack([norm.denormalise(to_volume(kept[i])) for i in range(kept.shape[0])])
     timings = {"prepare_s": t1 - t0, "sampling_s": t2 - t1, "total_s": time.perf_counter() - t0}
     info = {"slice_axis": axis, "window": list(window), "device": str(device), "amp": amp,
-            "normaliser": norm.to_dict()}
+            "normaliser": norm.to_dict(), "calibration": {"applied": cal_key or "none", **cal.to_dict()}}
     return EnhanceResult(mean_s, std_s, q05_s, q95_s, score, consistency, factors, method, timings, kept_np, info)
 
 

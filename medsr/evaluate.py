@@ -10,12 +10,15 @@ the posterior mean. All metrics are in normalised units (the truth's normaliser,
 - PSNR and SSIM (MONAI ``PSNRMetric``/``SSIMMetric``) on the whole image and inside the body (truth above
   ``data.foreground_threshold``); SSIM of a 2D model is the mean over its slices.
 - data consistency (SR3): mean/max |A(output) - input| with A the spec's noise-free linear operator.
-- calibration of the posterior: coverage of the central 5-95% interval (nominal 0.90), coverage of other central
-  intervals from the kept samples (the calibration curve), and the Spearman rank correlation between per-patch
-  std and per-patch |error| of the mean (8x8 in-plane patches inside the body): does high uncertainty mark
-  real error?
-- the spread calibration factor ``c``: ``mean ± c (q - mean)`` covers 90% of body voxels
-  (:func:`fit_spread_calibration`), fitted on a calibration split or, when none is given, in-sample.
+- the posterior's uncertainty (statistics from :mod:`medsr.uncertainty`): coverage of the model's calibrated
+  90% interval, its mean half-width, coverage within width quartiles, the raw-sample calibration curve, and the
+  Spearman rank correlation between per-patch std and per-patch |error| of the mean (8x8 in-plane patches
+  inside the body): does high uncertainty mark real error? Across scans: does the per-scan score rank them by
+  error?
+- λ refitted per modality (:func:`medsr.uncertainty.calibrate_scale`, one unit per scan) on a calibration split
+  or, when none is given, in-sample, with v0.1's pooled single factor beside it.
+
+Figures are drawn by :mod:`medsr.review`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,8 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.metrics.regression import compute_ssim_and_cs
-from scipy.stats import spearmanr
 
 from medsr import __version__
 from medsr.degrade import (
@@ -48,12 +49,22 @@ from medsr.degrade import (
 from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan, volume_factors
 from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig, Normaliser, fit_normaliser
-from medsr.io.paths import atomic_path, sanitize_component
+from medsr.io.paths import atomic_path
 from medsr.io.scan import Scan, coarse_affine, crop_to_factors
 from medsr.model import LoadedModel
+from medsr.review import write_evaluation_figures
+from medsr.uncertainty import (
+    calibrate_scale,
+    coverage,
+    coverage_by_quartile,
+    normalised_scores,
+    patch_means,
+    pooled_scale,
+    spearman,
+)
 
-__all__ = ["Degraded", "degrade_scan", "fit_spread_calibration",
-           "ScanEvaluation", "Evaluation", "evaluate_scans", "write_evaluation", "format_table", "METHODS"]
+__all__ = ["Degraded", "degrade_scan", "ScanEvaluation", "Evaluation", "evaluate_scans", "write_evaluation",
+           "format_table", "METHODS"]
 
 METHODS = ("interpolation", "sample", "mean")
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # central intervals of the calibration curve
@@ -104,52 +115,19 @@ def degrade_scan(hr: Scan, spec: DegradeSpec | str, intensity: IntensityConfig |
     return Degraded(truth, low, truth_norm, low_norm, norm, spec, factors, axis)
 
 
-def forward_operator(x: torch.Tensor, spec: DegradeSpec) -> torch.Tensor:
-    """The spec's noise-free linear operator ``A`` (see :meth:`DegradeSpec.forward`)."""
-    return spec.forward(x)
-
-
-def needed_scale(truth: np.ndarray, mean: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray) -> np.ndarray:
-    """Per voxel, the smallest c for which ``mean + c (q - mean)`` contains the truth (inf if none does)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        up = np.where(truth >= mean, (truth - mean) / (q_hi - mean), (mean - truth) / (mean - q_lo))
-    up = np.where(truth == mean, 0.0, up)
-    return np.where(np.isfinite(up) & (up >= 0), up, np.inf)
-
-
-def fit_spread_calibration(truth: np.ndarray | Sequence[np.ndarray], mean: np.ndarray | Sequence[np.ndarray],
-                           q_lo: np.ndarray | Sequence[np.ndarray], q_hi: np.ndarray | Sequence[np.ndarray],
-                           mask: np.ndarray | Sequence[np.ndarray] | None = None, target: float = 0.9) -> float:
-    """The spread scale ``c`` such that ``mean ± c (q - mean)`` covers ``target`` of the (masked) voxels.
-
-    Arrays (or lists of arrays, one per scan of a calibration split) in any one unit. ``c`` multiplies the
-    calibration already in ``q``: with ``q`` from a model of calibration ``k``, store ``k * c`` in the checkpoint.
-    Exact: ``c`` is the ``target`` quantile of :func:`needed_scale`. Returns inf when no finite ``c`` reaches it.
-    """
-    def listed(a: Any) -> list[np.ndarray]:
-        return [np.asarray(v) for v in a] if isinstance(a, (list, tuple)) else [np.asarray(a)]
-
-    truths, means, los, his = listed(truth), listed(mean), listed(q_lo), listed(q_hi)
-    masks = listed(mask) if mask is not None else [np.ones(t.shape, bool) for t in truths]
-    need = np.concatenate([needed_scale(t, m, lo, hi)[k.astype(bool)]
-                           for t, m, lo, hi, k in zip(truths, means, los, his, masks)])
-    if need.size == 0:
-        raise MedsrError("spread calibration: no voxels to fit on")
-    return float(np.quantile(need, target, method="higher"))
-
-
 @dataclass
 class ScanEvaluation:
     """Everything measured on one scan; ``rows`` are the CSV rows (one per method)."""
 
     name: str
     source: str
+    modality: str
     rows: list[dict[str, Any]]
-    curve: dict[str, list[Any]]  # nominal, empirical (body), inside/total counts per level
+    curve: dict[str, list[Any]]  # nominal, empirical (body), inside/total counts per level (raw sample spread)
     patch_std: np.ndarray
     patch_err: np.ndarray
     planes: dict[str, np.ndarray]  # 2D planes for the side-by-side figure (normalised units)
-    needed: np.ndarray  # per body voxel, the spread scale that would cover it (absolute, see fit_spread_calibration)
+    scores: np.ndarray  # per body voxel |truth - mean| / raw std: what calibration fits λ on
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -186,14 +164,37 @@ def _ssim(pred: torch.Tensor, truth: torch.Tensor, body: torch.Tensor) -> tuple[
     return whole, float(ssim_map[inner].mean()) if inner.any() else math.nan
 
 
-def _patch_means(vol: np.ndarray, patch: Sequence[int]) -> np.ndarray:
-    n = [s // p for s, p in zip(vol.shape, patch)]
-    v = vol[tuple(slice(0, k * p) for k, p in zip(n, patch))]
-    return v.reshape(n[0], patch[0], n[1], patch[1], n[2], patch[2]).mean(axis=(1, 3, 5)).ravel()
-
-
 def _pick_slice(body: np.ndarray, axis: int) -> int:
     return int(np.argmax(body.sum(axis=tuple(a for a in range(3) if a != axis))))
+
+
+def _posterior(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray,
+               samples: np.ndarray, mask: np.ndarray, axis: int | None, std_factor: float, half: float,
+               ) -> tuple[dict[str, Any], dict[str, list[Any]], np.ndarray, np.ndarray, np.ndarray]:
+    """Uncertainty metrics of one scan (normalised units): coverage, width, quartiles, curve, rank correlation."""
+    counts = []
+    for level in LEVELS:  # raw sample spread; one level at a time: memory of two volumes
+        q = np.quantile(samples, [0.5 - level / 2, 0.5 + level / 2], axis=0).astype(np.float32)
+        counts.append(int(((truth >= q[0]) & (truth <= q[1]))[mask].sum()))
+    n_mask = int(mask.sum())
+    curve: dict[str, list[Any]] = {"nominal": list(LEVELS), "empirical": [c / n_mask for c in counts],
+                                   "inside": counts, "total": [n_mask] * len(LEVELS)}
+    patch = [1 if a == axis else PATCH for a in range(3)] if axis is not None else [PATCH] * 3
+    patch = [min(p, s) for p, s in zip(patch, truth.shape)]
+    p_std, p_err = patch_means(std, patch), patch_means(np.abs(mean - truth), patch)
+    keep = patch_means(mask.astype(np.float32), patch) >= 0.5
+    p_std, p_err = p_std[keep], p_err[keep]
+    halfwidth = 0.5 * (q_hi - q_lo)[mask]
+    raw_std = std / std_factor
+    scores = normalised_scores(truth, mean, mean - raw_std, mean + raw_std)[mask]
+    posterior = {"coverage_90": coverage(truth, q_lo, q_hi), "coverage_90_body": coverage(truth, q_lo, q_hi, mask),
+                 "halfwidth_body": float(halfwidth.mean()) * half, "halfwidth_body_pct": 50.0 * float(halfwidth.mean()),
+                 "abs_error_body_pct": 50.0 * float(np.abs(mean - truth)[mask].mean()),
+                 "spearman_std_error": spearman(p_std, p_err), "patches": int(len(p_std)),
+                 "mean_std_body": float(std[mask].mean())}
+    quart = coverage_by_quartile(truth, q_lo, q_hi, mask)
+    posterior.update({f"coverage_q{i + 1}": v for i, v in enumerate(quart)})
+    return posterior, curve, p_std, p_err, scores
 
 
 def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceOptions, seed: int,
@@ -221,33 +222,15 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
     for method, pred in answers.items():
         pred_items = _items(pred, axis)
         ssim, ssim_body = _ssim(pred_items, truth_items, body_items)
-        err = (forward_operator(pred_items, spec) - low_items).abs()
+        err = (spec.forward(pred_items) - low_items).abs()
         rows.append({"scan": name, "method": method, "psnr": _psnr(pred, truth),
                      "psnr_body": _psnr(pred[body], truth[body]) if body.any() else math.nan,
                      "ssim": ssim, "ssim_body": ssim_body,
                      "consistency_mae": float(err.mean()), "consistency_max": float(err.max())})
-    inside = (truth >= q_lo) & (truth <= q_hi)
     mask = body if body.any() else np.ones_like(body)
-    # calibration curve from the kept samples, spread scaled about the mean by the model's calibration
-    k = model.calibration
-    counts = []
-    for level in LEVELS:  # one level at a time: memory of two volumes, not of 2 x len(LEVELS)
-        q = np.quantile(samples, [0.5 - level / 2, 0.5 + level / 2], axis=0).astype(np.float32)
-        lo, hi = mean + k * (q[0] - mean), mean + k * (q[1] - mean)
-        counts.append(int(((truth >= lo) & (truth <= hi))[mask].sum()))
-    n_mask = int(mask.sum())
-    curve: dict[str, list[Any]] = {"nominal": list(LEVELS), "empirical": [c / n_mask for c in counts],
-                                   "inside": counts, "total": [n_mask] * len(LEVELS)}
-    patch = [1 if a == axis else PATCH for a in range(3)] if axis is not None else [PATCH] * 3
-    patch = [min(p, s) for p, s in zip(patch, truth.shape)]
-    p_std, p_err = _patch_means(std, patch), _patch_means(np.abs(mean - truth), patch)
-    keep = _patch_means(body.astype(np.float32), patch) >= 0.5
-    p_std, p_err = p_std[keep], p_err[keep]
-    rho = math.nan
-    if len(p_std) >= 3 and np.ptp(p_std) > 0 and np.ptp(p_err) > 0:
-        rho = float(spearmanr(p_std, p_err)[0])
-    posterior = {"coverage_90": float(inside.mean()), "coverage_90_body": float(inside[mask].mean()),
-                 "spearman_std_error": rho, "patches": int(len(p_std)), "mean_std_body": float(std[mask].mean())}
+    cal, _ = model.calibration.for_modality(hr.modality)
+    posterior, curve, p_std, p_err, scores = _posterior(truth, mean, std, q_lo, q_hi, samples, mask, axis,
+                                                        cal.std_factor, half)
     for row in rows:
         row.update(posterior if row["method"] == "mean" else {key: math.nan for key in posterior})
     view = axis if axis is not None else 2
@@ -258,10 +241,9 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
     info = {"source": hr.source, "modality": hr.modality, "shape": list(deg.truth.spatial_shape),
             "input_shape": list(deg.low.spatial_shape), "factors": list(deg.factors), "slice_axis": axis,
             "normaliser": norm.to_dict(), "body_voxels": int(body.sum()), "interval_method": result.interval_method,
-            "enhance_s": round(enhance_s, 3), "truth_consistency_mae": float(
-                (forward_operator(truth_items, spec) - low_items).abs().mean())}
-    needed = needed_scale(truth, mean, q_lo, q_hi)[mask] * k
-    return ScanEvaluation(name, hr.source, rows, curve, p_std, p_err, planes, needed, info)
+            "uncertainty_score": result.score.value, "enhance_s": round(enhance_s, 3),
+            "truth_consistency_mae": float((spec.forward(truth_items) - low_items).abs().mean())}
+    return ScanEvaluation(name, hr.source, hr.modality, rows, curve, p_std, p_err, planes, scores, info)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -269,13 +251,30 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+def _refit(fit_on: list[ScanEvaluation], evaluated: list[ScanEvaluation]) -> dict[str, Any]:
+    """λ for ``mean ± λ·std`` per modality group fitted on ``fit_on`` (one unit per scan), checked on ``evaluated``."""
+    out: dict[str, Any] = {}
+    for group in sorted({"CT" if s.modality.upper() == "CT" else "MR" for s in fit_on}):
+        def member(s: ScanEvaluation, group: str = group) -> bool:
+            return ("CT" if s.modality.upper() == "CT" else "MR") == group
+
+        fit = calibrate_scale([s.scores for s in fit_on if member(s)])
+        scale, guarantee = fit.choose()
+        checked = [s for s in evaluated if member(s)]
+        per_scan = {s.name: float((s.scores <= scale).mean()) for s in checked}
+        out[group] = {"scale": scale, "guarantee": guarantee, "n": fit.n, "empirical": fit.empirical, "crc": fit.crc,
+                      "rcps": fit.rcps, "hoeffding_slack": fit.hoeffding_slack, "coverage_90_body": per_scan,
+                      "single_factor": pooled_scale([s.scores for s in fit_on if member(s)])}
+    return out
+
+
 def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | DegradeSpec,
                    options: EnhanceOptions | None = None, calibration_scans: Sequence[Scan] = (),
                    progress: Callable[[int, int], None] | None = None) -> Evaluation:
     """Degrade each high-quality scan with ``degrade``, enhance it with ``model`` and score it (module docstring).
 
-    ``calibration_scans`` (a split held out from ``scans``) are enhanced only to fit the spread calibration
-    factor; without them it is fitted in-sample on ``scans`` (and says so).
+    ``calibration_scans`` (a split held out from ``scans``, by scan) are enhanced only to refit λ per modality;
+    without them λ is refitted in-sample on ``scans`` (and says so).
     """
     opt = options or EnhanceOptions()
     spec = parse_spec(degrade)
@@ -292,10 +291,6 @@ def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | Deg
         evaluated.append(_evaluate_one(scan, model, spec, opt, opt.seed + 7919 * i, name, progress))
     calib = [_evaluate_one(s, model, spec, opt, opt.seed + 104729 + 7919 * i, f"calib_{i}", progress)
              for i, s in enumerate(calibration_scans)]
-    fit_on = calib or evaluated
-    need = np.concatenate([s.needed for s in fit_on])
-    factor = float(np.quantile(need, 0.9, method="higher")) if need.size else math.nan
-    pooled = np.concatenate([s.needed for s in evaluated])
     overall = {m: {key: _mean([r[key] for s in evaluated for r in s.rows if r["method"] == m])
                    for key in evaluated[0].rows[0] if key not in ("scan", "method")} for m in METHODS}
     overall["interpolation"] = {k: v for k, v in overall["interpolation"].items() if math.isfinite(v)}
@@ -304,11 +299,11 @@ def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | Deg
     total = np.sum([s.curve["total"] for s in evaluated], axis=0)
     all_std = np.concatenate([s.patch_std for s in evaluated])
     all_err = np.concatenate([s.patch_err for s in evaluated])
-    pooled_rho = float(spearmanr(all_std, all_err)[0]) if len(all_std) >= 3 and np.ptp(all_std) > 0 else math.nan
+    mean_rows = [r for s in evaluated for r in s.rows if r["method"] == "mean"]
     summary = {
         "medsr_version": __version__,
         "model": {"path": model.path, "sha256": model.sha256, "step": model.step, "trained_for": model.config.degrade,
-                  "calibration": model.calibration},
+                  "calibration": model.calibration.to_report()},
         "degradation": str(spec),
         "sampling": {"sampler": opt.sampler, "steps": opt.steps, "samples": opt.samples, "seed": opt.seed,
                      "data_consistency_projection": opt.project},
@@ -316,16 +311,20 @@ def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | Deg
                     "interpolation": "bicubic" if spec.spatial_dims == 2 else "trilinear",
                     "body": f"truth > {model.config.data.foreground_threshold} (normalised)",
                     "consistency": "mean/max |A(output) - input|, A = the spec's noise-free operator",
-                    "spearman": f"per-patch std vs |error of mean|, {PATCH}-voxel patches >= half body"},
+                    "spearman": f"per-patch std vs |error of mean|, {PATCH}-voxel patches >= half body",
+                    "halfwidth": "mean half-width of the model's calibrated 90% interval in the body (scan units; "
+                                 "_pct: % of the intensity range)"},
         "overall": overall,
         "calibration": {"nominal": 0.9, "coverage_90_body": overall["mean"]["coverage_90_body"],
                         "coverage_90": overall["mean"]["coverage_90"],
-                        "curve": {"nominal": list(LEVELS), "empirical": (inside / np.maximum(total, 1)).tolist()},
-                        "spearman_pooled": pooled_rho},
-        "spread_calibration": {"factor": factor, "target": 0.9, "in_sample": not calib,
-                               "fitted_on": [s.source for s in calib] or [s.source for s in evaluated],
-                               "coverage_90_body_with_factor": float((pooled <= factor).mean()) if pooled.size
-                               else math.nan},
+                        "curve": {"nominal": list(LEVELS), "empirical": (inside / np.maximum(total, 1)).tolist(),
+                                  "spread": "raw samples (before calibration)"},
+                        "spearman_pooled": spearman(all_std, all_err),
+                        "spearman_score_vs_error_across_scans": spearman(
+                            [r["halfwidth_body_pct"] for r in mean_rows],
+                            [r["abs_error_body_pct"] for r in mean_rows])},
+        "refit": {"in_sample": not calib, "fitted_on": [s.source for s in (calib or evaluated)],
+                  "basis": "std", "per_modality": _refit(calib or evaluated, evaluated)},
         "scans": [{"name": s.name, **s.info, "rows": s.rows} for s in evaluated],
     }
     return Evaluation(evaluated, summary)
@@ -343,12 +342,14 @@ def _clean(value: Any) -> Any:
 
 
 CSV_FIELDS = ["scan", "method", "psnr", "psnr_body", "ssim", "ssim_body", "consistency_mae", "consistency_max",
-              "coverage_90", "coverage_90_body", "spearman_std_error", "patches", "mean_std_body"]
+              "coverage_90", "coverage_90_body", "halfwidth_body", "halfwidth_body_pct", "abs_error_body_pct",
+              "coverage_q1", "coverage_q2", "coverage_q3", "coverage_q4", "spearman_std_error", "patches",
+              "mean_std_body"]
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write ``metrics.csv``, ``summary.json``, ``calibration.png``, ``error_vs_uncertainty.png`` and
-    ``compare_NAME.png`` per scan into ``out_dir``, each atomically; returns the paths."""
+    """Write ``metrics.csv``, ``summary.json`` and the figures (:func:`medsr.review.write_evaluation_figures`)
+    into ``out_dir``, each atomically; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -360,65 +361,11 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) ->
                 writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
                                      f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     written.append(out / "metrics.csv")
-    written += [_calibration_plot(evaluation, out / "calibration.png"),
-                _scatter_plot(evaluation, out / "error_vs_uncertainty.png")]
-    written += [_compare_figure(s, out / f"compare_{sanitize_component(s.name)}.png") for s in evaluation.scans]
+    written += write_evaluation_figures(evaluation.scans, evaluation.summary, out)
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(_clean(evaluation.summary), indent=2))
     written.append(out / "summary.json")
     return written
-
-
-def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    return path
-
-
-def _calibration_plot(evaluation: Evaluation, path: Path) -> Path:
-    fig = Figure(figsize=(5, 5), layout="constrained")
-    ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
-    for s in evaluation.scans:
-        ax.plot(s.curve["nominal"], s.curve["empirical"], "-", lw=1, alpha=0.6, label=s.name)
-    curve = evaluation.summary["calibration"]["curve"]
-    ax.plot(curve["nominal"], curve["empirical"], "o-", lw=2, color="black", label="all scans")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal coverage of the central interval",
-           ylabel="empirical coverage (body voxels)", title="calibration of the sample spread")
-    ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path)
-
-
-def _scatter_plot(evaluation: Evaluation, path: Path) -> Path:
-    fig = Figure(figsize=(5, 5), layout="constrained")
-    ax = fig.subplots()
-    for s in evaluation.scans:
-        ax.scatter(s.patch_std, s.patch_err, s=6, alpha=0.5, label=s.name)
-    rho = evaluation.summary["calibration"]["spearman_pooled"]
-    ax.set(xlabel="per-patch mean std (normalised units)", ylabel="per-patch mean |error| of the mean",
-           title=f"error vs uncertainty (Spearman {rho:.2f})")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _compare_figure(s: ScanEvaluation, path: Path) -> Path:
-    p = s.planes
-    vmin, vmax = np.percentile(p["truth"], [1, 99.5])
-    hot = max(float(np.percentile(np.concatenate([p["std"].ravel(), p["error"].ravel()]), 99.5)), 1e-6)
-    titles = {"truth": "truth", "interpolation": "interpolation", "sample": "one sample", "mean": "posterior mean",
-              "std": "std", "error": "|mean - truth|"}
-    fig = Figure(figsize=(18, 3.6), layout="constrained")
-    axes = fig.subplots(1, 6)
-    for ax, key in zip(axes, titles):
-        gray = key not in ("std", "error")
-        im = ax.imshow(p[key], cmap="gray" if gray else "inferno", vmin=vmin if gray else 0,
-                       vmax=vmax if gray else hot, origin="lower", interpolation="nearest")
-        ax.set_title(titles[key])
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(im, ax=axes[-2:], fraction=0.046, pad=0.02, label="normalised units")
-    fig.suptitle(s.name, fontsize=10)
-    return _save(fig, path)
 
 
 def format_table(evaluation: Evaluation) -> str:
@@ -437,11 +384,13 @@ def format_table(evaluation: Evaluation) -> str:
         lines.append(line(row["scan"], row["method"], row))
     for method in METHODS:
         lines.append(line("overall", method, evaluation.summary["overall"][method]))
-    cal, spread = evaluation.summary["calibration"], evaluation.summary["spread_calibration"]
+    cal, refit = evaluation.summary["calibration"], evaluation.summary["refit"]
     rho = f"{cal['spearman_pooled']:.3f}" if math.isfinite(cal["spearman_pooled"]) else "n/a"
-    lines.append(f"coverage of the 5-95% interval: {cal['coverage_90_body']:.3f} in body, {cal['coverage_90']:.3f} "
-                 f"whole image (nominal 0.900); Spearman(std, |error|) per patch: {rho}")
-    lines.append(f"spread calibration factor for 90%: {spread['factor']:.3f} "
-                 f"({'in-sample' if spread['in_sample'] else 'calibration split'})")
+    lines.append(f"coverage of the model's 90% interval: {cal['coverage_90_body']:.3f} in body, "
+                 f"{cal['coverage_90']:.3f} whole image (nominal 0.900); Spearman(std, |error|) per patch: {rho}")
+    for group, fit in refit["per_modality"].items():
+        lines.append(f"refitted λ ({group}, mean ± λ·std, {fit['n']} scans, "
+                     f"{'in-sample' if refit['in_sample'] else 'calibration split'}): {fit['scale']:.3f}, "
+                     f"guarantee {fit['guarantee']}")
     lines.append("(PSNR dB and consistency in normalised units, data range 2)")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from medsr.config import Config, ModelConfig, config_from_dict, to_dict
 from medsr.degrade import DegradeSpec, parse_spec
 from medsr.errors import MedsrError
 from medsr.io.paths import atomic_path
+from medsr.uncertainty import ModelCalibration, as_model_calibration
 
 __all__ = ["build_unet", "denoise", "save_checkpoint", "load_checkpoint", "LoadedModel", "load_model", "file_sha256",
            "export_model", "checkpoint_payload", "write_untrained_checkpoint"]
@@ -105,7 +106,7 @@ class LoadedModel:
     path: str
     sha256: str
     step: int
-    calibration: float = 1.0  # multiplies the sample spread (fitted on a calibration split; 1 = none)
+    calibration: ModelCalibration = field(default_factory=ModelCalibration)  # per modality (medsr.uncertainty)
     degradation: DegradeSpec = field(init=False)  # the forward operator, parsed once from ``config.degrade``
 
     def __post_init__(self) -> None:
@@ -121,13 +122,11 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         raise MedsrError(f"{path}: stored config is invalid ({exc})") from None
     if parse_spec(cfg.degrade).spatial_dims != cfg.model.spatial_dims:
         raise MedsrError(f"{path}: degradation {cfg.degrade} does not fit a {cfg.model.spatial_dims}D model")
-    ema, step, calibration = ckpt["ema"], ckpt.get("step", 0), ckpt.get("calibration", 1.0)
+    ema, step, calibration = ckpt["ema"], ckpt.get("step", 0), ckpt.get("calibration")
     if not isinstance(ema, dict) or not all(isinstance(v, torch.Tensor) for v in ema.values()):
         raise MedsrError(f"{path}: checkpoint field 'ema' is not a dict of tensors")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise MedsrError(f"{path}: checkpoint field 'step' must be a whole number >= 0, got {step!r}")
-    if isinstance(calibration, bool) or not isinstance(calibration, (int, float)) or not 0 < calibration < 1e6:
-        raise MedsrError(f"{path}: checkpoint field 'calibration' must be a positive number, got {calibration!r}")
     damaged = [k for k, v in ema.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if damaged:
         raise MedsrError(f"{path}: {len(damaged)} weight tensor(s) hold NaN/Inf (e.g. {damaged[0]}); the checkpoint "
@@ -135,18 +134,20 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     net = build_unet(cfg.model)
     load_state_strict(net, {k: v.float() if v.is_floating_point() else v for k, v in ema.items()}, str(path))
     net.to(device).eval()
-    return LoadedModel(net, cfg, str(path), file_sha256(path), step, float(calibration))
+    return LoadedModel(net, cfg, str(path), file_sha256(path), step,
+                       ModelCalibration.from_checkpoint(calibration, str(path)))
 
 
 def checkpoint_payload(cfg: Config, ema_state: dict[str, torch.Tensor], *,
                        model_state: dict[str, torch.Tensor] | None = None,
                        optimizer_state: dict[str, Any] | None = None, step: int = 0,
-                       rng: list[torch.Tensor] | None = None, calibration: float = 1.0) -> dict[str, Any]:
+                       rng: list[torch.Tensor] | None = None,
+                       calibration: float | dict[str, Any] | ModelCalibration = 1.0) -> dict[str, Any]:
     """The keys every training checkpoint holds (what ``train`` writes, ``load_model`` and resuming read)."""
     return {"model": ema_state if model_state is None else model_state, "ema": ema_state,
             "optimizer": {} if optimizer_state is None else optimizer_state, "step": int(step),
             "rng": list(rng or []), "config": to_dict(cfg), "normalisation": to_dict(cfg.intensity),
-            "calibration": float(calibration)}
+            "calibration": as_model_calibration(calibration).to_checkpoint()}
 
 
 def write_untrained_checkpoint(path: str | os.PathLike[str], cfg: Config, *, seed: int = 0, out_std: float = 0.02,
@@ -165,7 +166,8 @@ def write_untrained_checkpoint(path: str | os.PathLike[str], cfg: Config, *, see
     return save_checkpoint(path, checkpoint_payload(cfg, state, model_state=state, step=step))
 
 
-def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], calibration: float = 1.0,
+def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
+                 calibration: float | dict[str, Any] | ModelCalibration = 1.0,
                  extra: dict[str, Any] | None = None) -> Path:
     """Write a release checkpoint: EMA weights only, in float16 (half the size), config, step, calibration.
 
@@ -175,6 +177,7 @@ def export_model(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]
     ckpt = load_checkpoint(checkpoint)
     ema = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["ema"].items()}
     payload = {"ema": ema, "config": ckpt["config"], "step": int(ckpt.get("step", 0)),
-               "normalisation": ckpt.get("normalisation", {}), "calibration": float(calibration),
+               "normalisation": ckpt.get("normalisation", {}),
+               "calibration": as_model_calibration(calibration).to_checkpoint(),
                "provenance": dict(extra or {})}
     return save_checkpoint(out, payload)

@@ -34,13 +34,35 @@ from medsr.review import review_figure
 
 __all__ = ["write_outputs", "build_report", "plan_destinations", "Destination"]
 
+SCORE_MEANING = ("mean half-width of the calibrated 90% interval inside the body, in % of the intensity range "
+                 "(CT: 2048 HU window, 1% = 20.48 HU; MR: 0.5-99.5 percentile range); rank scans by it")
+
+
+def _units(scan: Scan) -> str:
+    return "HU" if scan.modality.upper() == "CT" else "scan intensity"
+
+
+def _review_title(result: EnhanceResult, options: EnhanceOptions) -> str:
+    """What a reviewer should read off the figure: the interval's meaning and where its calibration came from."""
+    cal = result.info.get("calibration", {})
+    head = f"medsr x{'x'.join(map(str, result.factors))}, {options.samples} samples. "
+    if cal.get("applied", "none") == "none":
+        return head + "Heat: half-width of the raw 5-95% sample interval (NOT calibrated: read as relative)"
+    where = (f"calibrated on {cal['n']} held-out {cal['applied']} scans" if cal.get("n") else
+             "single v0.1 spread factor, no guarantee")
+    fitted_at = int(cal.get("details", {}).get("samples") or 0)
+    caveat = f" [fitted with {fitted_at} samples: not valid at {options.samples}]" if fitted_at not in (
+        0, options.samples) else ""
+    return (head + f"Heat: 90% of true values should lie within ± this ({where}); "
+                   f"mean {result.score.halfwidth_pct:.2f}% of range{caveat}")
+
 
 def build_report(scan: Scan, result: EnhanceResult, model: LoadedModel, options: EnhanceOptions) -> dict[str, Any]:
     """The JSON report: what was done, with which model, how long it took and how sure the model is."""
     return {
         "medsr_version": __version__,
         "model": {"path": model.path, "sha256": model.sha256, "step": model.step,
-                  "degradation": model.config.degrade, "calibration": model.calibration},
+                  "degradation": model.config.degrade, "calibration": model.calibration.to_report()},
         "input": {"source": str(Path(scan.source).resolve()) if scan.source else "",
                   "format": getattr(scan, "format", ""), "modality": scan.modality,
                   "shape": list(scan.spatial_shape), "spacing_mm": [round(s, 6) for s in scan.spacing]},
@@ -49,11 +71,14 @@ def build_report(scan: Scan, result: EnhanceResult, model: LoadedModel, options:
                    "scale": list(result.factors)},
         "sampling": {"sampler": options.sampler, "steps": options.steps, "samples": options.samples,
                      "seed": options.seed, "data_consistency_projection": options.project,
-                     "overlap": options.overlap, **result.info},
+                     "overlap": options.overlap, **{k: v for k, v in result.info.items() if k != "calibration"}},
+        "calibration": result.info.get("calibration", {}),
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-        "score": {"mean_std_fraction_of_range": result.score.mean_std,
-                  "high_uncertainty_fraction": result.score.high_fraction,
-                  "high_uncertainty_threshold": result.score.threshold,
+        "score": {"value": result.score.value,
+                  "meaning": SCORE_MEANING,
+                  "halfwidth_scan_units": result.score.halfwidth,
+                  "scan_units": _units(scan),
+                  "mean_std_fraction_of_range": result.score.mean_std,
                   "body_voxels": result.score.body_voxels},
         "interval": {"low": 0.05, "high": 0.95, "method": result.interval_method},
         "data_consistency": result.consistency,
@@ -210,12 +235,12 @@ def _write_all(scan: Scan, result: EnhanceResult, model: LoadedModel, options: E
                        modality=scan.modality, source=scan.source)
         save_nifti(samples, folder / "samples.nii.gz")
         written.append("samples.nii.gz")
-    units = "HU" if scan.modality.upper() == "CT" else ""
-    review_figure(scan.array[0], result.mean.array[0], result.std.array[0], result.factors, folder / "review.png",
-                  title=f"medsr x{'x'.join(map(str, result.factors))}, {options.samples} samples, "
-                        f"uncertainty score {result.score.mean_std:.4f}",
-                  units=units, slice_axis=2 if result.info.get("slice_axis") is None else result.info["slice_axis"],
-                  affine=scan.affine)
+    halfwidth = 0.5 * (result.q95.array[0] - result.q05.array[0])
+    review_figure(scan.array[0], result.mean.array[0], halfwidth, result.factors, folder / "review.png",
+                  title=_review_title(result, options), units=f"({_units(scan)})",
+                  slice_axis=2 if result.info.get("slice_axis") is None else result.info["slice_axis"],
+                  affine=scan.affine, heat_label="± half-width of 90% interval",
+                  heat_title="uncertainty: ± half-width of the 90% interval")
     written.append("review.png")
     report = _finite(build_report(scan, result, model, options))
     report["files"] = written + ["report.json"]

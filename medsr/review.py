@@ -1,23 +1,27 @@
-"""The review figure: input, enhanced, uncertainty and a zoomed detail, readable at a glance.
+"""Every picture medsr draws: the review figure of ``enhance`` and the figures of ``medsr evaluate``.
 
-One row: the input (on the fine grid, nearest neighbour, so its blockiness is honest), the enhanced posterior
-mean, the per-voxel std as a heat map over the enhanced image (with a colour bar in scan units), and a zoom on
-the most uncertain region, input beside enhanced. The slice shown is the one with most body.
+Review figure, one row: the input (on the fine grid, nearest neighbour, so its blockiness is honest), the
+enhanced posterior mean, the half-width of the calibrated 90% interval as a heat map over the enhanced image
+(colour bar in scan units), and a zoom on the most uncertain region, input beside enhanced. The slice shown is
+the one with most body. Evaluation figures: the calibration curve, error vs uncertainty per patch, and a
+side-by-side comparison per scan.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from medsr.io.paths import atomic_path
+from medsr.io.paths import atomic_path, sanitize_component
 
-__all__ = ["review_figure"]
+__all__ = ["review_figure", "write_evaluation_figures"]
 
 
 def _pick_slice(vol: np.ndarray, axis: int) -> int:
@@ -54,10 +58,13 @@ def review_figure(
     units: str = "",
     slice_axis: int = 2,
     affine: np.ndarray | None = None,
+    heat_label: str = "std",
+    heat_title: str = "uncertainty (per-voxel std)",
 ) -> Path:
     """Write the review PNG atomically. Arrays are ``(X, Y, Z)``: ``low`` coarse, ``mean``/``std`` fine.
 
-    With the scan's ``affine`` the planes are shown in radiological convention whatever the storage order.
+    ``std`` is the map shown as heat (``enhance`` passes the calibrated interval half-width, ``heat_label`` and
+    ``heat_title`` say so). With the scan's ``affine`` the planes are shown in radiological convention.
     """
     low_fine = low
     for axis, f in enumerate(factors):
@@ -85,8 +92,8 @@ def review_figure(
     axes[1].add_patch(Rectangle((c - 0.5, r - 0.5), zw, zh, fill=False, ec="yellow", lw=1.5))
     axes[2].imshow(planes[1], cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
     heat = axes[2].imshow(planes[2], cmap="inferno", vmin=0, vmax=smax, alpha=0.75, origin="lower")
-    fig.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.02, label=f"std {units}".strip())
-    axes[2].set_title("uncertainty (per-voxel std)")
+    fig.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.02, label=f"{heat_label} {units}".strip())
+    axes[2].set_title(heat_title)
     detail = np.concatenate([planes[0][zoom], np.full((zh, max(1, zw // 16)), vmax), planes[1][zoom]], axis=1)
     axes[3].imshow(detail, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest")
     axes[3].set_title("detail: input | enhanced")
@@ -95,9 +102,7 @@ def review_figure(
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=11)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    return Path(path)
+    return _save(fig, Path(path))
 
 
 def _box_mean(a: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -105,3 +110,62 @@ def _box_mean(a: np.ndarray, h: int, w: int) -> np.ndarray:
     s = np.pad(np.cumsum(np.cumsum(a, 0), 1), ((1, 0), (1, 0)))
     out = s[h:, w:] - s[:-h, w:] - s[h:, :-w] + s[:-h, :-w]
     return out / (h * w) if out.size else np.zeros((1, 1))
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return path
+
+
+def write_evaluation_figures(scans: Sequence[Any], summary: dict[str, Any], out: Path) -> list[Path]:
+    """``calibration.png``, ``error_vs_uncertainty.png`` and ``compare_NAME.png`` per scan (``ScanEvaluation``s)."""
+    written = [_calibration_plot(scans, summary, out / "calibration.png"),
+               _scatter_plot(scans, summary, out / "error_vs_uncertainty.png")]
+    return written + [_compare_figure(s, out / f"compare_{sanitize_component(s.name)}.png") for s in scans]
+
+
+def _calibration_plot(scans: Sequence[Any], summary: dict[str, Any], path: Path) -> Path:
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
+    for s in scans:
+        ax.plot(s.curve["nominal"], s.curve["empirical"], "-", lw=1, alpha=0.6, label=s.name)
+    curve = summary["calibration"]["curve"]
+    ax.plot(curve["nominal"], curve["empirical"], "o-", lw=2, color="black", label="all scans")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal coverage of the central interval",
+           ylabel="empirical coverage (body voxels)", title="raw sample spread, before calibration")
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def _scatter_plot(scans: Sequence[Any], summary: dict[str, Any], path: Path) -> Path:
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.subplots()
+    for s in scans:
+        ax.scatter(s.patch_std, s.patch_err, s=6, alpha=0.5, label=s.name)
+    rho = summary["calibration"]["spearman_pooled"]
+    ax.set(xlabel="per-patch mean std (normalised units)", ylabel="per-patch mean |error| of the mean",
+           title=f"error vs uncertainty (Spearman {rho:.2f})")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _compare_figure(s: Any, path: Path) -> Path:
+    p = s.planes
+    vmin, vmax = np.percentile(p["truth"], [1, 99.5])
+    hot = max(float(np.percentile(np.concatenate([p["std"].ravel(), p["error"].ravel()]), 99.5)), 1e-6)
+    titles = {"truth": "truth", "interpolation": "interpolation", "sample": "one sample", "mean": "posterior mean",
+              "std": "std", "error": "|mean - truth|"}
+    fig = Figure(figsize=(18, 3.6), layout="constrained")
+    axes = fig.subplots(1, 6)
+    for ax, key in zip(axes, titles):
+        gray = key not in ("std", "error")
+        im = ax.imshow(p[key], cmap="gray" if gray else "inferno", vmin=vmin if gray else 0,
+                       vmax=vmax if gray else hot, origin="lower", interpolation="nearest")
+        ax.set_title(titles[key])
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes[-2:], fraction=0.046, pad=0.02, label="normalised units")
+    fig.suptitle(s.name, fontsize=10)
+    return _save(fig, path)

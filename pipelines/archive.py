@@ -193,8 +193,9 @@ def _fingerprint(src: Path, sources: list[str]) -> str:
 
 
 def _report_score(folder: Path) -> float | None:
+    """The item's ranking score from its report: the mean calibrated 90% half-width in % of range."""
     try:
-        return float(json.loads((folder / "report.json").read_text())["score"]["mean_std_fraction_of_range"])
+        return float(json.loads((folder / "report.json").read_text())["score"]["value"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -170,7 +170,7 @@ def process(task: dict[str, Any]) -> dict[str, Any]:
         folder = write_outputs(scan, result, model, settings.options, staging / "out", name=final.name,
                                formats=formats)
         _publish(folder, final, staging)
-        return outcome("done", score=float(result.score.mean_std))
+        return outcome("done", score=float(result.score.value))
     except Exception as exc:  # anything else is a failure of this item only
         return outcome("failed", f"error: {type(exc).__name__}", _clean(f"{type(exc).__name__}: {exc}", task, staging))
     finally:

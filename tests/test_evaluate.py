@@ -15,11 +15,13 @@ from typer.testing import CliRunner
 from medsr.cli import app
 from medsr.config import load_config
 from medsr.degrade import block_average, kspace_truncate, parse_spec
-from medsr.enhance import choose_slice_axis
-from medsr.evaluate import degrade_scan, fit_spread_calibration, needed_scale
+from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan
+from medsr.evaluate import degrade_scan
 from medsr.io import coarse_affine, crop_to_factors, load_scan, refined_affine, save_nifti
 from medsr.io.refs import resolve_ref
-from medsr.model import write_untrained_checkpoint
+from medsr.model import checkpoint_payload, load_checkpoint, load_model, save_checkpoint, write_untrained_checkpoint
+from medsr.outputs import build_report
+from medsr.uncertainty import Calibration, ModelCalibration, fit_spread_calibration, normalised_scores
 
 VOLUME = "nibabel:anatomical.nii"  # real T1, 33x41x25, 2 mm isotropic
 SLICE = "pydicom:CT_small.dcm"  # real CT slice, 128x128
@@ -68,7 +70,7 @@ def test_files_and_table(run: tuple[Path, str]) -> None:
     assert not list(out.glob(".tmp-*"))
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "PSNR" in text and "SSIM" in text and "coverage of the 5-95% interval" in text
+    assert "PSNR" in text and "SSIM" in text and "coverage of the model's 90% interval" in text
     for method in ("interpolation", "sample", "mean"):
         assert f"overall              {method}" in text
     rows = read_rows(out)
@@ -93,10 +95,13 @@ def test_metrics_sane(run: tuple[Path, str]) -> None:
             assert row["coverage_90"] == ""
     cal = summary["calibration"]
     assert cal["nominal"] == 0.9 and 0.0 <= cal["coverage_90_body"] <= 1.0
-    assert np.all(np.diff(cal["curve"]["empirical"]) >= 0)  # wider intervals never cover less
-    spread = summary["spread_calibration"]
-    assert spread["in_sample"] and spread["factor"] > 0
-    assert spread["coverage_90_body_with_factor"] == pytest.approx(0.9, abs=0.01)
+    refit = summary["refit"]
+    assert refit["in_sample"] and set(refit["per_modality"]) == {"CT", "MR"}  # anatomical.nii has no modality: MR
+    assert all(f["n"] == 1 and f["guarantee"] == "none" and f["scale"] > 0 for f in refit["per_modality"].values())
+    for row in read_rows(out):
+        if row["method"] == "mean":  # quartiles of width hold a quarter of the body each: their mean is the total
+            quarts = [float(row[f"coverage_q{i}"]) for i in range(1, 5)]
+            assert np.mean(quarts) == pytest.approx(float(row["coverage_90_body"]), abs=0.01)
     vol = summary["scans"][0]
     axis = choose_slice_axis(load_scan(resolve_ref(VOLUME)))  # as enhance picks it for the high-quality scan
     assert vol["slice_axis"] == axis
@@ -146,19 +151,73 @@ def test_crop_and_coarse_affine_roundtrip() -> None:
     np.testing.assert_allclose(refined_affine(coarse, (2, 3, 4)), scan.affine, atol=1e-12)
 
 
-def test_fit_spread_calibration_exact() -> None:
+def test_single_factor_fitted_on_one_draw_covers_ninety_percent_of_another() -> None:
+    """v0.1's pooled factor (kept for comparison): intervals half as wide as they should be need c = 2."""
     rng = np.random.default_rng(0)
-    mean = rng.normal(size=200_000)
-    truth = mean + rng.normal(size=mean.shape)  # true spread 1
-    half = 0.5 * 1.6448536  # intervals half as wide as they should be
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        mean = rng.normal(size=n)
+        return mean, mean + rng.normal(size=n)  # true spread 1
+
+    half = 0.5 * 1.6448536
+    mean, truth = draw(200_000)
     c = fit_spread_calibration(truth, mean, mean - half, mean + half)
     assert c == pytest.approx(2.0, rel=0.02)
-    assert np.mean(needed_scale(truth, mean, mean - c * half, mean + c * half) <= 1.0) == pytest.approx(0.9, abs=1e-3)
-    # lists (one array per scan) and masks
+    fresh_mean, fresh_truth = draw(200_000)
+    fresh = normalised_scores(fresh_truth, fresh_mean, fresh_mean - c * half, fresh_mean + c * half)
+    assert np.mean(fresh <= 1.0) == pytest.approx(0.9, abs=0.003)
     c2 = fit_spread_calibration([truth[:1000], truth[1000:]], [mean[:1000], mean[1000:]],
                                 [mean[:1000] - half, mean[1000:] - half], [mean[:1000] + half, mean[1000:] + half],
                                 mask=[np.ones(1000, bool), np.ones(len(mean) - 1000, bool)])
     assert c2 == pytest.approx(c)
+
+
+def test_calibration_round_trips_through_the_checkpoint_and_reaches_report_json(model_path: Path,
+                                                                                 tmp_path: Path) -> None:
+    """A stored per-modality λ is what enhance applies (mean ± λ·std) and what report.json states."""
+    ckpt = load_checkpoint(model_path)
+    cal = ModelCalibration({"CT": Calibration(4.0, "std", n=2, scans=("bad_sequence", "eCT_Supplemental")),
+                            "MR": Calibration(2.0, "std", n=2, scans=("MR2_UNCR", "inia19"))})
+    path = save_checkpoint(tmp_path / "cal.pt", {**ckpt, "calibration": cal.to_checkpoint()})
+    model = load_model(path)
+    assert model.calibration == cal
+    scan = load_scan(resolve_ref(SLICE))
+    scan = scan.with_array(scan.array[:, 32:64, 32:64])
+    opt = EnhanceOptions(samples=3, steps=1, device="cpu", keep_samples=True)
+    result = enhance_scan(scan, model, opt)
+    assert result.samples is not None
+    raw_std = result.samples.std(0, ddof=1)
+    np.testing.assert_allclose(result.q95.array[0] - result.mean.array[0], 4.0 * raw_std, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(result.std.array[0], 4.0 / 1.6448536 * raw_std, rtol=1e-4, atol=1e-2)
+    rep = json.loads(json.dumps(build_report(scan, result, model, opt)))
+    assert rep["model"]["calibration"]["per_modality"]["CT"]["scale"] == 4.0
+    assert rep["calibration"]["applied"] == "CT" and rep["calibration"]["scans"] == ["bad_sequence", "eCT_Supplemental"]
+    assert rep["calibration"]["n"] == 2 and rep["calibration"]["guarantee"] == "none"
+    assert rep["interval"]["method"] == "normal"
+    half = 0.5 * (result.q95.array[0] - result.q05.array[0])
+    body = result.mean.array[0] > -1024.0 + 0.1 * 2048.0  # foreground_threshold -0.8 in the CT window
+    assert rep["score"]["halfwidth_scan_units"] == pytest.approx(float(half[body].mean()), rel=1e-4)
+    assert rep["score"]["value"] == pytest.approx(100 * float(half[body].mean()) / 2048.0, rel=1e-4)
+
+
+def test_v01_checkpoint_with_a_float_calibration_still_loads_and_runs(model_path: Path, tmp_path: Path) -> None:
+    """v0.1 stored one float (5.27) that scales the empirical 5-95% interval and the std about the mean."""
+    ckpt = load_checkpoint(model_path)
+    path = save_checkpoint(tmp_path / "v01.pt", {**ckpt, "calibration": 5.27})
+    model = load_model(path)
+    assert model.calibration.legacy and model.calibration.to_checkpoint() == 5.27
+    scan = load_scan(resolve_ref(SLICE))
+    scan = scan.with_array(scan.array[:, 32:64, 32:64])
+    opt = EnhanceOptions(samples=4, steps=1, device="cpu", keep_samples=True)
+    result = enhance_scan(scan, model, opt)
+    assert result.samples is not None and result.interval_method == "empirical"
+    mean = result.mean.array[0]
+    q = torch.quantile(torch.from_numpy(result.samples), torch.tensor([0.05, 0.95]), dim=0).numpy()
+    np.testing.assert_allclose(result.q05.array[0], mean + 5.27 * (q[0] - mean), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(result.std.array[0], 5.27 * result.samples.std(0, ddof=1), rtol=1e-4, atol=1e-2)
+    assert build_report(scan, result, model, opt)["model"]["calibration"]["legacy_single_factor"] is True
+    payload = checkpoint_payload(model.config, ckpt["ema"], calibration=model.calibration)
+    assert payload["calibration"] == 5.27
 
 
 @pytest.mark.parametrize("spec, message", [("block:3x3", "factors"), ("blurry:4x4", "kind must be one of"),

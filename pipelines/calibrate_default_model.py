@@ -1,0 +1,294 @@
+"""Calibrate the shipped model's uncertainty on held-out real scans, split by scan, and measure it.
+
+    python -m pipelines.calibrate_default_model [--model medsr/weights/default_x4.pt] [--export OUT.pt]
+
+Every held-out scan of ``shared/DATA.md`` (never a training file) is cropped to a central region, degraded
+with the model's own operator, enhanced (8 samples x 10 DDIM steps, one thread) and cached under
+``--cache`` (``/work/runs/calib_cache``) so reruns only redo the statistics. The scans are split **by scan**,
+per modality, into a calibration split (λ is fitted there) and a reporting split (coverage, width, ranking are
+measured there); a leave-one-scan-out table reports every scan with λ fitted on the other scans of its
+modality. The single-factor v0.1 method is measured side by side. Prints markdown tables and writes
+``calibration_study.json``; ``--export`` writes the model with the new calibration stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medsr.enhance import EnhanceOptions, enhance_scan
+from medsr.evaluate import degrade_scan
+from medsr.io.paths import atomic_path
+from medsr.io.refs import load_ref
+from medsr.io.scan import Scan
+from medsr.model import LoadedModel, load_model
+from medsr.uncertainty import (
+    Calibration,
+    ModelCalibration,
+    calibrate_scale,
+    coverage,
+    coverage_by_quartile,
+    interval,
+    normalised_scores,
+    patch_means,
+    pooled_scale,
+    spearman,
+)
+from pipelines.model_card_study import centre_crop
+
+STEPS = 10  # DDIM steps of the cached enhancement (the defaults); set from --steps
+PATCH = 8  # in-plane patch of the per-patch rank correlation, as in medsr.evaluate
+INIA19 = "/usr/share/mricron/templates/inia19-t1-brain.nii.gz"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One held-out scan: where it comes from, its modality, which Z slices to use and the in-plane crop."""
+
+    name: str
+    ref: str
+    modality: str
+    slices: tuple[int, ...] | None = None  # None: all
+    crop: int = 256
+
+
+HELD_OUT = (
+    HeldOut("bad_sequence", "pydicom:bad_sequence.dcm", "CT"),
+    HeldOut("eCT_Supplemental", "pydicom:eCT_Supplemental.dcm", "CT"),
+    HeldOut("CT_small", "pydicom:CT_small.dcm", "CT"),
+    HeldOut("MR2_UNCR", "pydicom:MR2_UNCR.dcm", "MR"),
+    HeldOut("inia19", INIA19, "MR", slices=(40, 60, 80)),
+    HeldOut("MR_small", "pydicom:MR_small.dcm", "MR"),
+    HeldOut("anatomical", "nibabel:anatomical.nii", "MR", slices=(6, 9, 12, 15, 18)),
+)
+# split by scan within each modality: lambda is fitted on CALIBRATION, everything else reports
+CALIBRATION = ("bad_sequence", "eCT_Supplemental", "MR2_UNCR", "inia19")
+
+
+def slice_scan(scan: Scan, z: int) -> Scan:
+    """Axial slice ``z`` of a volume as a one-slice scan (affine shifted so geometry stays right)."""
+    shift = np.eye(4)
+    shift[2, 3] = z
+    return scan.with_array(scan.array[..., z:z + 1], scan.affine @ shift)
+
+
+def weights_id(model: LoadedModel) -> str:
+    """A short hash of the network weights (not of the file: re-exporting with a new calibration keeps the cache)."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.net.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().half().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
+def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache: Path) -> dict[str, np.ndarray]:
+    """Truth, body mask and the samples (all normalised with the truth's normaliser) for every slice of ``item``.
+
+    Slices are concatenated along Z. Cached as ``cache/NAME-<weights id>-s<samples>-k<steps>-c<crop>.npz``.
+    """
+    key = f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}"
+    path = cache / f"{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    scan = load_ref(item.ref, item.modality)
+    parts = [slice_scan(scan, z) for z in item.slices] if item.slices else [scan]
+    truths, samples = [], []
+    lo_hi = []
+    for part in parts:
+        part = centre_crop(part, item.crop)
+        deg = degrade_scan(part, model.config.degrade, model.config.intensity, slice_axis=2, seed=0)
+        res = enhance_scan(deg.low, model, replace(opt, keep_samples=True, slice_axis=2))
+        assert res.samples is not None
+        truths.append(deg.truth_norm)
+        samples.append(deg.norm.normalise(res.samples))
+        lo_hi.append((deg.norm.lo, deg.norm.hi))
+    out = {"truth": np.concatenate(truths, axis=-1), "samples": np.concatenate(samples, axis=-1),
+           "range": np.asarray([hi - lo for lo, hi in lo_hi], np.float64)}
+    cache.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, truth=out["truth"], samples=out["samples"], range=out["range"])
+    return out
+
+
+@dataclass
+class ScanStats:
+    """One held-out scan reduced to what calibration needs (body voxels, normalised units)."""
+
+    name: str
+    modality: str
+    truth: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray  # raw sample std
+    q_lo: np.ndarray  # raw empirical 5% / 95% quantiles of the samples
+    q_hi: np.ndarray
+    body: np.ndarray
+    half_range: float  # scan units per normalised unit (HU for CT)
+    samples: int  # diffusion samples per voxel behind mean and std
+
+    def scores(self, basis: str) -> np.ndarray:
+        lo, hi = (self.mean - self.std, self.mean + self.std) if basis == "std" else (self.q_lo, self.q_hi)
+        return normalised_scores(self.truth, self.mean, lo, hi)[self.body]
+
+    def bounds(self, cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
+        if cal.basis == "std":
+            return self.mean - cal.scale * self.std, self.mean + cal.scale * self.std
+        return self.mean + cal.scale * (self.q_lo - self.mean), self.mean + cal.scale * (self.q_hi - self.mean)
+
+
+def scan_stats(name: str, modality: str, data: dict[str, np.ndarray], threshold: float,
+               samples: int | None = None) -> ScanStats:
+    x = torch.from_numpy(data["samples"][:samples] if samples else data["samples"]).float()
+    mean, std = x.mean(0), x.std(0)
+    lo, hi, _ = interval(mean, std, x)  # raw: what enhance computes before calibration
+    truth = data["truth"]
+    return ScanStats(name, modality, truth, mean.numpy(), std.numpy(), lo.numpy(), hi.numpy(), truth > threshold,
+                     float(np.mean(data["range"])) / 2.0, int(x.shape[0]))
+
+
+def measure(s: ScanStats, cal: Calibration) -> dict[str, Any]:
+    """Coverage, width (scan units and % of range), coverage by width quartile, per-patch Spearman, error."""
+    lo, hi = s.bounds(cal)
+    half = 0.5 * (hi - lo)[s.body]
+    patch = [PATCH, PATCH, 1]
+    keep = patch_means(s.body.astype(np.float32), patch) >= 0.5
+    rho = spearman(patch_means(s.std, patch)[keep], patch_means(np.abs(s.mean - s.truth), patch)[keep])
+    return {"coverage": coverage(s.truth, lo, hi, s.body), "halfwidth": float(half.mean()) * s.half_range,
+            "halfwidth_pct": 50.0 * float(half.mean()), "quartiles": coverage_by_quartile(s.truth, lo, hi, s.body),
+            "spearman_patch": rho, "abs_error_pct": 50.0 * float(np.abs(s.mean - s.truth)[s.body].mean()),
+            "voxels": int(s.body.sum())}
+
+
+def fit(stats: list[ScanStats], basis: str) -> Calibration:
+    """λ per the issue-12 procedure on these scans (one unit per scan): RCPS/CRC when n allows, else empirical."""
+    f = calibrate_scale([s.scores(basis) for s in stats])
+    scale, guarantee = f.choose()
+    return Calibration(scale, basis, f.alpha, f.delta, guarantee, f.n, tuple(s.name for s in stats),
+                       {"empirical": f.empirical, "crc": f.crc, "rcps": f.rcps, "hoeffding_slack": f.hoeffding_slack,
+                        "crc_min_n": f.crc_min_n, "rcps_min_n": f.rcps_min_n,
+                        "samples": float(stats[0].samples), "steps": float(STEPS)})
+
+
+def group(s: ScanStats) -> str:
+    return "CT" if s.modality == "CT" else "MR"
+
+
+def study(stats: list[ScanStats], v01: float) -> dict[str, Any]:
+    """All methods on the reporting split and leave-one-scan-out; returns the tables as a dict."""
+    calib = [s for s in stats if s.name in CALIBRATION]
+    report = [s for s in stats if s.name not in CALIBRATION]
+    methods: dict[str, dict[str, Calibration]] = {
+        "raw 5-95% (uncalibrated)": {g: Calibration(1.0, "quantile") for g in ("CT", "MR")},
+        f"v0.1 single factor {v01:g}": {g: Calibration(v01, "quantile") for g in ("CT", "MR")},
+        "single factor refit (pooled voxels, all modalities)": {
+            g: Calibration(pooled_scale([s.scores("quantile") for s in calib]), "quantile") for g in ("CT", "MR")},
+    }
+    for basis in ("std", "quantile"):
+        methods[f"per-scan risk, per modality, basis {basis}"] = {
+            g: fit([s for s in calib if group(s) == g], basis) for g in ("CT", "MR")}
+    out: dict[str, Any] = {"calibration_split": [s.name for s in calib], "reporting_split": [s.name for s in report],
+                           "methods": {}}
+    for label, cals in methods.items():
+        rows = {s.name: measure(s, cals[group(s)]) for s in report}
+        loo = {}
+        for s in stats:  # leave one scan out: λ from the other scans of the same modality
+            others = [o for o in stats if group(o) == group(s) and o is not s]
+            if label.startswith("per-scan"):
+                cal = fit(others, cals[group(s)].basis)
+            elif label.startswith("single factor refit"):
+                cal = Calibration(pooled_scale([o.scores("quantile") for o in stats if o is not s]), "quantile")
+            else:
+                cal = cals[group(s)]
+            loo[s.name] = measure(s, cal)
+        pooled_in = sum(r["coverage"] * r["voxels"] for r in rows.values()) / sum(r["voxels"] for r in rows.values())
+        out["methods"][label] = {"calibration": {g: c.to_dict() for g, c in cals.items()}, "report": rows,
+                                 "pooled_coverage": pooled_in, "loo": loo,
+                                 "loo_pooled_coverage": sum(r["coverage"] * r["voxels"] for r in loo.values())
+                                 / sum(r["voxels"] for r in loo.values()),
+                                 "spearman_across_scans_loo": spearman([r["halfwidth_pct"] for r in loo.values()],
+                                                                       [r["abs_error_pct"] for r in loo.values()])}
+    return out
+
+
+def print_tables(result: dict[str, Any], stats: list[ScanStats]) -> None:
+    units = {s.name: ("HU" if s.modality == "CT" else "% range") for s in stats}
+    for split in ("report", "loo"):
+        print(f"\n### {'reporting split' if split == 'report' else 'leave one scan out (all scans)'}\n")
+        print("| method | scan | coverage 90% | mean half-width | half-width % range | coverage by width quartile "
+              "| Spearman per patch |")
+        print("|---|---|---|---|---|---|---|")
+        for label, m in result["methods"].items():
+            for name, r in m[split].items():
+                hw = f"{r['halfwidth']:.1f} HU" if units[name] == "HU" else f"{r['halfwidth_pct']:.2f} %"
+                q = " / ".join(f"{v:.2f}" for v in r["quartiles"])
+                print(f"| {label} | {name} | {r['coverage']:.3f} | {hw} | {r['halfwidth_pct']:.2f} | {q} "
+                      f"| {r['spearman_patch']:.2f} |")
+            pooled = m["pooled_coverage"] if split == "report" else m["loo_pooled_coverage"]
+            print(f"| {label} | **pooled** | **{pooled:.3f}** | | | | |")
+    print("\nSpearman across scans (score = mean calibrated half-width % vs mean |error| %, LOO λ):")
+    for label, m in result["methods"].items():
+        print(f"  {label}: {m['spearman_across_scans_loo']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="medsr/weights/default_x4.pt")
+    parser.add_argument("--cache", default="/work/runs/calib_cache")
+    parser.add_argument("--out", default="runs/calibration_study")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--only-cache", action="store_true")
+    parser.add_argument("--export", default=None, help="write the chosen calibration (JSON) here, for "
+                        "pipelines.export_default_model --calibration-json")
+    parser.add_argument("--basis", default="std", choices=["std", "quantile"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    global STEPS
+    STEPS = args.steps
+    model = load_model(args.model)
+    opt = EnhanceOptions(samples=args.samples, steps=args.steps, seed=0, device="cpu")
+    data: dict[str, dict[str, Any]] = {}
+    for item in HELD_OUT:
+        t = time.perf_counter()
+        data[item.name] = enhance_cached(item, model, opt, Path(args.cache))
+        print(f"{item.name}: {data[item.name]['truth'].shape} in {time.perf_counter() - t:.1f} s", flush=True)
+    if args.only_cache:
+        return
+    threshold = model.config.data.foreground_threshold
+    modality = {h.name: h.modality for h in HELD_OUT}
+    stats = [scan_stats(n, modality[n], d, threshold) for n, d in data.items()]
+    v01 = 5.269
+    result = study(stats, v01)
+    result["samples_study"] = {}
+    for n_samples in (4, 8):  # sample-count honesty: the same procedure with fewer samples per voxel
+        sub = [scan_stats(n, modality[n], d, threshold, n_samples) for n, d in data.items()]
+        r = study(sub, v01)["methods"]
+        result["samples_study"][n_samples] = {
+            k: {"pooled": v["pooled_coverage"], "loo_pooled": v["loo_pooled_coverage"],
+                "loo_per_scan": {s: x["coverage"] for s, x in v["loo"].items()},
+                "loo_halfwidth_pct": {s: x["halfwidth_pct"] for s, x in v["loo"].items()}} for k, v in r.items()}
+    print_tables(result, stats)
+    print(json.dumps(result["samples_study"], indent=1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "calibration_study.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=lambda v: None))
+    if args.export:
+        chosen = result["methods"][f"per-scan risk, per modality, basis {args.basis}"]["calibration"]
+        cal = ModelCalibration({g: Calibration.from_dict(c) for g, c in chosen.items()})
+        print(json.dumps(cal.to_checkpoint(), indent=1))
+        with atomic_path(Path(args.export)) as tmp:
+            tmp.write_text(json.dumps(cal.to_checkpoint(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
