@@ -51,9 +51,10 @@ def main() -> None:
     print("| scan | slices | PSNR bicubic | PSNR one sample | PSNR mean | gain | SSIM bicubic | SSIM mean | gain |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['scan']} | {r['slices']} | {r['psnr_bicubic']:.2f} | {r['psnr_sample']:.2f} | "
-              f"**{r['psnr_mean']:.2f}** | {r['psnr_mean'] - r['psnr_bicubic']:+.2f} | {r['ssim_bicubic']:.3f} | "  # type: ignore[operator]
-              f"**{r['ssim_mean']:.3f}** | {r['ssim_mean'] - r['ssim_bicubic']:+.3f} |")  # type: ignore[operator]
+        v = {k: float(x) for k, x in r.items() if k != "scan"}
+        print(f"| {r['scan']} | {int(v['slices'])} | {v['psnr_bicubic']:.2f} | {v['psnr_sample']:.2f} | "
+              f"**{v['psnr_mean']:.2f}** | {v['psnr_mean'] - v['psnr_bicubic']:+.2f} | {v['ssim_bicubic']:.3f} | "
+              f"**{v['ssim_mean']:.3f}** | {v['ssim_mean'] - v['ssim_bicubic']:+.3f} |")
 
 
 if __name__ == "__main__":
