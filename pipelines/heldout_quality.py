@@ -23,8 +23,8 @@ SPEC = parse_spec("block:4x4")
 
 
 def _metrics(pred: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
-    psnr = float(PSNRMetric(max_val=2.0)(pred, truth).mean())
-    ssim = float(SSIMMetric(spatial_dims=2, data_range=2.0)(pred, truth).mean())
+    psnr = float(torch.as_tensor(PSNRMetric(max_val=2.0)(pred, truth)).mean())
+    ssim = float(torch.as_tensor(SSIMMetric(spatial_dims=2, data_range=2.0)(pred, truth)).mean())
     return psnr, ssim
 
 
