@@ -82,7 +82,7 @@ def noise_volumes(volumes: Sequence[Volume], spec: DegradeSpec, slice_axis: int,
                 seq = np.random.SeedSequence([seed, i, int.from_bytes(path.stem[-8:].encode(), "little")])
                 s = int(seq.generate_state(1, np.uint64)[0] % (2**63))
                 sl = [slice(None)] * 4
-                sl[1 + slice_axis] = i  # type: ignore[call-overload]
+                sl[1 + slice_axis] = i
                 noise[tuple(sl)] = (slice_noise(hu, spec, pixel, k, s, m) / half).astype(np.float16)
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:
