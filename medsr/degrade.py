@@ -289,8 +289,8 @@ class LowDoseModel:
     mu_water: float = 0.0192
 
 
-def _angles(n_views: int) -> torch.Tensor:
-    return torch.arange(n_views, dtype=torch.float64) * (np.pi / n_views)
+def _angles(n_views: int, device: torch.device | None = None) -> torch.Tensor:
+    return torch.arange(n_views, dtype=torch.float64, device=device) * (np.pi / n_views)
 
 
 def _detector_size(h: int, w: int) -> int:
@@ -307,9 +307,9 @@ def radon_parallel(img: torch.Tensor, n_views: int, chunk: int = 16) -> torch.Te
     d = _detector_size(h, w)
     # normalised grid_sample coordinates of the D x D rotated sampling grid (align_corners=False), per image axis
     scale_x, scale_y = d / w, d / h
-    lin = (2 * torch.arange(d, dtype=torch.float64) + 1) / d - 1
+    lin = (2 * torch.arange(d, dtype=torch.float64, device=img.device) + 1) / d - 1
     ray, det = torch.meshgrid(lin, lin, indexing="ij")
-    theta = _angles(n_views)
+    theta = _angles(n_views, img.device)
     views = []
     for k in range(0, n_views, chunk):
         c, s = torch.cos(theta[k:k + chunk])[:, None, None], torch.sin(theta[k:k + chunk])[:, None, None]
@@ -322,12 +322,12 @@ def radon_parallel(img: torch.Tensor, n_views: int, chunk: int = 16) -> torch.Te
     return torch.cat(views, 1)
 
 
-def _ramp_filter(d: int) -> tuple[torch.Tensor, int]:
+def _ramp_filter(d: int, device: torch.device | None = None) -> tuple[torch.Tensor, int]:
     """Ram-Lak filter from its band-limited spatial kernel (no DC offset; as scikit-image's iradon)."""
     size = max(64, 2 ** int(np.ceil(np.log2(2 * d))))
-    kernel = torch.zeros(size, dtype=torch.float64)
+    kernel = torch.zeros(size, dtype=torch.float64, device=device)
     kernel[0] = 0.25
-    odd = torch.cat([torch.arange(1, size // 2 + 1, 2), torch.arange(size // 2 - 1, 0, -2)]).double()
+    odd = torch.cat([torch.arange(1, size // 2 + 1, 2), torch.arange(size // 2 - 1, 0, -2)]).double().to(device)
     kernel[1::2] = -1.0 / (np.pi * odd) ** 2
     return 2 * torch.fft.fft(kernel).real, size
 
@@ -339,13 +339,13 @@ def fbp_parallel(sino: torch.Tensor, shape: tuple[int, int], chunk: int = 16) ->
     """
     n, n_views, d = sino.shape
     h, w = shape
-    filt, size = _ramp_filter(d)
+    filt, size = _ramp_filter(d, sino.device)
     spec = torch.fft.fft(F.pad(sino.double(), (0, size - d)), dim=-1) * filt
     q = torch.fft.ifft(spec, dim=-1).real[..., :d].to(sino.dtype)
-    ys = torch.arange(h, dtype=torch.float64) - (h - 1) / 2
-    xs = torch.arange(w, dtype=torch.float64) - (w - 1) / 2
+    ys = torch.arange(h, dtype=torch.float64, device=sino.device) - (h - 1) / 2
+    xs = torch.arange(w, dtype=torch.float64, device=sino.device) - (w - 1) / 2
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    theta = _angles(n_views)
+    theta = _angles(n_views, sino.device)
     img = torch.zeros(n, h, w, dtype=sino.dtype, device=sino.device)
     for k in range(0, n_views, chunk):
         t = theta[k:k + chunk]
