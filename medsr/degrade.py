@@ -272,13 +272,14 @@ class LowDoseModel:
 
     Attributes:
         i0: full-dose photons per detector bin (one pixel wide) per view, for a ``ref_views``-view rotation;
-            1e5 is the full-dose count of low-dose CT studies (e.g. Zeng et al. 2015 used 1e5 to 2e5).
+            1e5 is within the 1e5-2e5 full-dose counts that low-dose CT simulation studies assume.
         ref_views: views over 180 degrees that ``i0`` is stated for. The FBP noise variance depends on the total
             count per bin, ``i0 * ref_views``; when fewer views are simulated (speed), each gets
             ``i0 * ref_views / n_views`` photons, so the noise level does not depend on ``n_views``.
         n_views: parallel-beam views simulated over 180 degrees.
-        electronic_std: detector electronic noise, Gaussian, in photon counts per reading (variance 9, the order
-            Zeng et al. 2015 report); it matters only in photon-starved rays (behind dense bone).
+        electronic_std: detector electronic noise, Gaussian, in photon counts per simulated view reading at full
+            dose (an assumed value, variance 9); next to the Poisson noise it matters only in photon-starved rays
+            (behind dense bone). It is not rescaled with ``n_views``.
         mu_water: linear attenuation of water in 1/mm at an effective energy of about 70 keV (0.0192 /mm).
     """
 
