@@ -9,6 +9,9 @@ of DataLoader workers. Train/validation split is by scan, by listing scans in ``
 Optional training-time augmentation (:class:`medsr.config.AugmentConfig`, MONAI array transforms) changes the
 high-resolution patch before it is degraded, so every pair stays consistent; its random state comes from its
 own stream of ``(seed, rank, i)``, so turning it on changes neither which patch is cut nor the degradation.
+Low-dose CT noise is made in the sinogram of a whole slice (streaks from bone far outside a patch), which is too
+slow per patch (seconds per slice): with ``lowdose_cache`` set, a few noise realisations of every slice are
+simulated once (:mod:`medsr.lowdose_cache`) and patches add the noise cut at the same place.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +41,7 @@ from medsr.degrade import DegradeSpec, apply_degradation, draw_params, upsample
 from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig, fit_normaliser
 from medsr.io.refs import load_ref
+from medsr.lowdose_cache import noise_volumes
 
 __all__ = ["Volume", "load_volumes", "PatchDataset", "build_augment"]
 
@@ -48,6 +53,8 @@ class Volume:
     name: str
     data: np.ndarray
     foreground: np.ndarray  # (N, 3) int32 voxel coordinates
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm per array axis (the low-dose simulator needs it)
+    window: tuple[float, float] | None = None  # HU window of the normalisation, CT only
 
 
 def load_volumes(refs: Sequence[str], intensity: IntensityConfig, threshold: float = -0.8,
@@ -63,7 +70,8 @@ def load_volumes(refs: Sequence[str], intensity: IntensityConfig, threshold: flo
         fg = np.argwhere(data > threshold).astype(np.int32)
         if len(fg) > max_foreground:
             fg = fg[rng.choice(len(fg), max_foreground, replace=False)]
-        volumes.append(Volume(scan.name, data, fg))
+        window = (norm.lo, norm.hi) if norm.kind == "ct_window" else None
+        volumes.append(Volume(scan.name, data, fg, scan.spacing, window))
     return volumes
 
 
@@ -127,13 +135,15 @@ class PatchDataset(Dataset):
         seed, rank: with the item index, all that decides an item.
         foreground_fraction: share of patches centred on a foreground voxel.
         augment: training-time augmentation of the high-resolution patch before degradation (None: none).
+        lowdose_cache: folder for whole-slice low-dose noise (made once, reused); "lowdose" specs only. Without
+            it the noise is simulated on the patch alone (no attenuation from outside it: tests, quick runs).
 
     Items are dicts of float32 tensors: ``hr`` and ``cond`` ``(1, *patch_size)``, ``lowres`` ``(1, *patch/f)``.
     """
 
     def __init__(self, volumes: Sequence[Volume], spec: DegradeSpec, patch_size: Sequence[int], length: int,
                  seed: int = 0, rank: int = 0, slice_axis: int = 2, foreground_fraction: float = 0.9,
-                 augment: AugmentConfig | None = None) -> None:
+                 augment: AugmentConfig | None = None, lowdose_cache: str | Path | None = None) -> None:
         if not volumes:
             raise MedsrError("no scans to cut patches from (data.train / data.val is empty)")
         if len(patch_size) != spec.spatial_dims:
@@ -153,12 +163,17 @@ class PatchDataset(Dataset):
             self._augment_state = np.random.RandomState(0)
             for transform in self.augment.transforms:
                 transform.set_random_state(state=self._augment_state)
+        self.noise: list[np.ndarray] | None = None
+        if lowdose_cache is not None and spec.kind == "lowdose" and spec.dose < 1.0:
+            self.noise = noise_volumes(self.volumes, spec, self.slice_axis, Path(lowdose_cache), seed=self.seed,
+                                       patches=self.length)
 
     def __len__(self) -> int:
         return self.length
 
-    def _crop(self, vol: Volume, rng: np.random.Generator) -> np.ndarray:
-        data = vol.data
+    def _window(self, vol: Volume, rng: np.random.Generator) -> tuple[list[tuple[int, int]], tuple[slice, ...]]:
+        """Where the patch is: padding for scans smaller than it, and the slices into the padded scan."""
+        shape = vol.data.shape
         if len(self.patch_size) == 2:
             size = [0, 0, 0]
             in_plane = [a for a in range(3) if a != self.slice_axis]
@@ -169,23 +184,35 @@ class PatchDataset(Dataset):
         if len(vol.foreground) and rng.random() < self.foreground_fraction:
             centre = vol.foreground[rng.integers(len(vol.foreground))]
         else:
-            centre = np.array([rng.integers(s) for s in data.shape])
+            centre = np.array([rng.integers(s) for s in shape])
         # pad where the scan is smaller than the patch (edge values: no artificial borders)
-        pad = [(max(0, (s - n + 1) // 2), max(0, s - n - (s - n + 1) // 2)) for s, n in zip(size, data.shape)]
+        pad = [(max(0, (s - n + 1) // 2), max(0, s - n - (s - n + 1) // 2)) for s, n in zip(size, shape)]
+        centre = centre + np.array([p[0] for p in pad])
+        padded = [n + a + b for n, (a, b) in zip(shape, pad)]
+        start = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, size, padded)]
+        return pad, tuple(slice(b, b + s) for b, s in zip(start, size))
+
+    def _cut(self, data: np.ndarray, pad: list[tuple[int, int]], where: tuple[slice, ...]) -> np.ndarray:
         if any(p != (0, 0) for p in pad):
             data = np.pad(data, pad, mode="edge")
-            centre = centre + np.array([p[0] for p in pad])
-        start = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, size, data.shape)]
-        patch = data[tuple(slice(b, b + s) for b, s in zip(start, size))]
+        patch = data[where]
         return patch.squeeze(self.slice_axis) if len(self.patch_size) == 2 else patch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
-        vol = self.volumes[int(rng.integers(len(self.volumes)))]
-        hr = torch.from_numpy(np.ascontiguousarray(self._crop(vol, rng)))[None, None].float()
-        if self.augment is not None:
+        v = int(rng.integers(len(self.volumes)))
+        vol = self.volumes[v]
+        pad, where = self._window(vol, rng)
+        hr = torch.from_numpy(np.ascontiguousarray(self._cut(vol.data, pad, where)))[None, None].float()
+        if self.augment is not None:  # before degradation: the input is always the degradation of the target
             hr = self._augment(hr[0], int(index))[None]
-        lowres = apply_degradation(hr, draw_params(self.spec, rng))
+        params = draw_params(self.spec, rng)
+        if self.noise is not None:  # whole-slice low-dose noise, made once, cut at the patch's place
+            noise = self._cut(self.noise[v][int(rng.integers(len(self.noise[v])))], pad, where)
+            lowres = self.spec.forward(hr + torch.from_numpy(noise.astype(np.float32))[None, None])
+        else:
+            in_plane = [s for a, s in enumerate(vol.spacing) if a != self.slice_axis or len(self.patch_size) == 3]
+            lowres = apply_degradation(hr, params, float(np.mean(in_plane[:2])), vol.window or (-1024.0, 1024.0))
         cond = upsample(lowres, self.spec.factors)
         return {"hr": hr[0], "cond": cond[0], "lowres": lowres[0]}
 

@@ -506,7 +506,8 @@ def test_bad_overlap_is_refused(overlap: str, ckpt: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("step", "many", "'step' must be a whole number"), ("calibration", -1.0, "stored calibration is invalid.*must be a positive"),
+    ("step", "many", "'step' must be a whole number"),
+    ("calibration", -1.0, "stored calibration is invalid.*must be a positive"),
     ("calibration", "abc", "stored calibration has an unknown layout"),
     ("ema", [1, 2], "'ema' is not a dict of tensors"), ("config", ["x"], "stored config is invalid")])
 def test_malformed_checkpoint_fields_are_refused(field: str, value: Any, message: str, tmp_path: Path) -> None:

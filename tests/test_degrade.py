@@ -176,7 +176,7 @@ def test_bad_specs_raise_medsr_error(text: str) -> None:
 # --- low-dose noise model -----------------------------------------------------------------------------
 
 def test_low_dose_noise_variance_grows_as_dose_falls(ct_slice: torch.Tensor) -> None:
-    """Measured on a real CT slice: noise variance ~ sigma_full^2 (1/d - 1) x attenuation factor."""
+    """Measured on a real CT slice: the added noise variance is proportional to (1/d - 1) (see low_dose_noise_hu)."""
     variances = []
     for dose in (0.9, 0.5, 0.25, 0.1):
         out = apply_degradation(ct_slice, _params(f"lowdose:1x1,dose={dose}", seed=3))

@@ -87,7 +87,7 @@ def test_shipped_configs_load_and_are_consistent(path: Path) -> None:
 
 
 def test_shipped_configs_write_to_their_own_out_dirs() -> None:
-    assert {"default_model.yaml", "sr2d_x4.yaml", "denoise2d_lowdose.yaml", "sr3d_throughplane_x4.yaml"} <= {
+    assert {"default_model.yaml", "sr2d_x4.yaml", "lowdose_ct.yaml", "sr3d_throughplane_x4.yaml"} <= {
         p.name for p in CONFIGS}
     out_dirs = [load_config(p).train.out_dir for p in CONFIGS]
     assert len(set(out_dirs)) == len(out_dirs)
