@@ -126,6 +126,8 @@ class PatchDataset(Dataset):
         length: number of items (training: steps x batch; validation: a fixed set).
         seed, rank: with the item index, all that decides an item.
         foreground_fraction: share of patches centred on a foreground voxel.
+        slice_axes: 2D patches: several axes to cut slices across, one drawn per item; empty or None:
+            ``slice_axis`` alone (and then no draw is made, so items are exactly those of older versions).
         augment: training-time augmentation of the high-resolution patch before degradation (None: none).
 
     Items are dicts of float32 tensors: ``hr`` and ``cond`` ``(1, *patch_size)``, ``lowres`` ``(1, *patch/f)``.
@@ -133,7 +135,7 @@ class PatchDataset(Dataset):
 
     def __init__(self, volumes: Sequence[Volume], spec: DegradeSpec, patch_size: Sequence[int], length: int,
                  seed: int = 0, rank: int = 0, slice_axis: int = 2, foreground_fraction: float = 0.9,
-                 augment: AugmentConfig | None = None) -> None:
+                 augment: AugmentConfig | None = None, slice_axes: Sequence[int] | None = None) -> None:
         if not volumes:
             raise MedsrError("no scans to cut patches from (data.train / data.val is empty)")
         if len(patch_size) != spec.spatial_dims:
@@ -146,6 +148,9 @@ class PatchDataset(Dataset):
         self.length = int(length)
         self.seed, self.rank = int(seed), int(rank)
         self.slice_axis = int(slice_axis)
+        self.slice_axes = tuple(int(a) for a in slice_axes) if slice_axes else (self.slice_axis,)
+        if any(a not in (0, 1, 2) for a in self.slice_axes):
+            raise MedsrError(f"slice axes must be among 0, 1, 2, got {self.slice_axes}")
         self.foreground_fraction = float(foreground_fraction)
         self.augment = build_augment(augment, self.patch_size, spec.factors) if augment is not None else None
         self._augment_state: np.random.RandomState | None = None
@@ -159,11 +164,17 @@ class PatchDataset(Dataset):
 
     def _crop(self, vol: Volume, rng: np.random.Generator) -> np.ndarray:
         data = vol.data
+        axis = self.slice_axis
         if len(self.patch_size) == 2:
+            if len(self.slice_axes) > 1:  # drawn only then: single-axis items stay those of older versions
+                # planes of a single slice (Z = 1) have one real axis: such a scan is cut in its own plane only
+                usable = [a for a in self.slice_axes if all(data.shape[b] > 1 for b in range(3) if b != a)]
+                usable = usable or [self.slice_axis]
+                axis = usable[int(rng.integers(len(usable)))]
             size = [0, 0, 0]
-            in_plane = [a for a in range(3) if a != self.slice_axis]
+            in_plane = [a for a in range(3) if a != axis]
             size[in_plane[0]], size[in_plane[1]] = self.patch_size
-            size[self.slice_axis] = 1
+            size[axis] = 1
         else:
             size = list(self.patch_size)
         if len(vol.foreground) and rng.random() < self.foreground_fraction:
@@ -177,7 +188,7 @@ class PatchDataset(Dataset):
             centre = centre + np.array([p[0] for p in pad])
         start = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, size, data.shape)]
         patch = data[tuple(slice(b, b + s) for b, s in zip(start, size))]
-        return patch.squeeze(self.slice_axis) if len(self.patch_size) == 2 else patch
+        return patch.squeeze(axis) if len(self.patch_size) == 2 else patch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
