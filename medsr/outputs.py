@@ -40,7 +40,8 @@ def build_report(scan: Scan, result: EnhanceResult, model: LoadedModel, options:
     return {
         "medsr_version": __version__,
         "model": {"path": model.path, "sha256": model.sha256, "step": model.step,
-                  "degradation": model.config.degrade, "calibration": model.calibration},
+                  "degradation": model.config.degrade, "calibration": model.calibration,
+                  "choice": result.info.get("model_choice")},  # which model ran and why (--model auto)
         "input": {"source": str(Path(scan.source).resolve()) if scan.source else "",
                   "format": getattr(scan, "format", ""), "modality": scan.modality,
                   "shape": list(scan.spatial_shape), "spacing_mm": [round(s, 6) for s in scan.spacing]},
@@ -49,7 +50,7 @@ def build_report(scan: Scan, result: EnhanceResult, model: LoadedModel, options:
                    "scale": list(result.factors)},
         "sampling": {"sampler": options.sampler, "steps": options.steps, "samples": options.samples,
                      "seed": options.seed, "data_consistency_projection": options.project,
-                     "overlap": options.overlap, **result.info},
+                     "overlap": options.overlap, **{k: v for k, v in result.info.items() if k != "model_choice"}},
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
         "score": {"mean_std_fraction_of_range": result.score.mean_std,
                   "high_uncertainty_fraction": result.score.high_fraction,
@@ -211,13 +212,29 @@ def _write_all(scan: Scan, result: EnhanceResult, model: LoadedModel, options: E
         save_nifti(samples, folder / "samples.nii.gz")
         written.append("samples.nii.gz")
     units = "HU" if scan.modality.upper() == "CT" else ""
-    review_figure(scan.array[0], result.mean.array[0], result.std.array[0], result.factors, folder / "review.png",
-                  title=f"medsr x{'x'.join(map(str, result.factors))}, {options.samples} samples, "
-                        f"uncertainty score {result.score.mean_std:.4f}",
-                  units=units, slice_axis=2 if result.info.get("slice_axis") is None else result.info["slice_axis"],
-                  affine=scan.affine)
+    if result.info.get("task") == "throughplane":  # a reformatted plane: where thick slices show
+        _through_plane_review(scan, result, folder / "review.png", options, units)
+    else:
+        review_figure(scan.array[0], result.mean.array[0], result.std.array[0], result.factors, folder / "review.png",
+                      title=f"medsr x{'x'.join(map(str, result.factors))}, {options.samples} samples, "
+                            f"uncertainty score {result.score.mean_std:.4f}",
+                      units=units,
+                      slice_axis=2 if result.info.get("slice_axis") is None else result.info["slice_axis"],
+                      affine=scan.affine)
     written.append("review.png")
     report = _finite(build_report(scan, result, model, options))
     report["files"] = written + ["report.json"]
     with atomic_path(folder / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
+
+
+def _through_plane_review(scan: Scan, result: EnhanceResult, path: Path, options: EnhanceOptions, units: str) -> None:
+    from medsr.review import through_plane_figure
+    from medsr.through_plane import cubic_along
+
+    axis = int(result.info["thick_axis"])
+    factor = int(result.factors[axis])
+    through_plane_figure(scan.array[0], cubic_along(scan.array[0], axis, factor), result.mean.array[0],
+                         result.std.array[0], axis, factor, path,
+                         title=f"medsr through-plane x{factor} along axis {axis}, {options.samples} samples, "
+                               f"uncertainty score {result.score.mean_std:.4f}", units=units, affine=scan.affine)
