@@ -122,7 +122,7 @@ def test_cubic_along_one_axis_leaves_the_others_alone() -> None:
     assert up.shape == (5, 24, 3)
     np.testing.assert_allclose(cubic_along(vol[2:3, :, 1:2], 1, 4), up[2:3, :, 1:2], atol=1e-6)  # line by line
     sym = np.broadcast_to(np.array([0, 1, 3, 3, 1, 0], np.float32)[None, :, None], (5, 6, 3))
-    fine = cubic_along(sym, 1, 4)  # centred fine slices keep a symmetric profile symmetric; a half-voxel shift would not
+    fine = cubic_along(sym, 1, 4)  # centred fine slices keep a symmetric profile symmetric (a shifted grid would not)
     np.testing.assert_allclose(fine, fine[:, ::-1], atol=1e-5)
     assert fine[0, 11, 0] > fine[0, 4, 0] > fine[0, 0, 0]
 
