@@ -96,6 +96,8 @@ def enhance(
     overlap: float = typer.Option(_SAMPLING.overlap, help="sliding-window overlap, in [0, 1)"),
     series_uid: str | None = typer.Option(None, help="series to use in a folder holding several"),
     volume_index: int | None = typer.Option(None, help="volume of a 4D NIfTI to enhance (0-based)"),
+    adapt: int = typer.Option(0, help="through-plane jobs: first fine-tune the model for STEPS steps on the scan's "
+                                      "own in-plane slices (self-supervised; 0: off)"),
 ) -> None:
     """Enhance scans: posterior mean, per-voxel std, 5-95% interval, review figure and report per input."""
     from tqdm import tqdm
@@ -141,6 +143,18 @@ def enhance(
                 choice = explicit_choice(model, loaded.degradation, scan.spacing, choose_slice_axis(scan))
             shown = printable(spelled.get(Path(path).resolve(), str(path)))
             typer.echo(f"{shown}: model {printable(choice.name)} ({choice.task}): {printable(choice.reason)}")
+            adapted: dict[str, object] | None = None
+            if adapt < 0:
+                raise MedsrError(f"--adapt STEPS must be >= 0, got {adapt}")
+            if adapt and choice.task == "throughplane":
+                from medsr.adapt import adapt_model
+
+                loaded, cost = adapt_model(loaded, scan, choice.axis, adapt, seed=seed)
+                adapted = {"applied": True, **cost}
+                typer.echo(f"{shown}: adapted for {adapt} steps on its own in-plane slices ({cost['seconds']:.1f} s)")
+            elif adapt:
+                adapted = {"applied": False, "why": "--adapt applies to through-plane jobs only"}
+                typer.echo(f"note: {shown}: --adapt not applied (in-plane job)", err=True)
             is_dicom = bool(scan.dicom_headers)
             formats = fmt or ("both" if is_dicom else "nifti")
             with tqdm(total=1, desc=scan.name, unit="step", dynamic_ncols=True) as bar:
@@ -150,6 +164,8 @@ def enhance(
                     bar.refresh()
 
                 result = enhance_with_choice(scan, loaded, choice, options, progress)
+            if adapted is not None:
+                result.info["adapt"] = adapted
             folder = write_outputs(scan, result, loaded, options, out, name=dest.folder.name, formats=formats,
                                    save_samples=save_samples, inputs=sources)
             typer.echo(f"{shown} -> {folder} (x{'x'.join(map(str, result.factors))}, uncertainty score "
