@@ -14,7 +14,9 @@ from enhance_fixtures import anatomical, tiny_config, tiny_model, write_tiny_che
 from typer.testing import CliRunner
 
 import medsr.cli
+from medsr.adapt import adapt_model
 from medsr.config import SamplingConfig
+from medsr.errors import MedsrError
 from medsr.evaluate import degrade_scan
 from medsr.io import Scan, load_scan, save_nifti
 from medsr.io.scan import refined_affine
@@ -136,6 +138,22 @@ def test_explicit_checkpoint_decides_its_task_by_its_degradation(thick_model) ->
     assert explicit_choice("y.pt", parse_spec(inplane), spacing, 2).task == "inplane"
 
 
+def test_adapt_fine_tunes_a_copy_on_the_scans_own_slices(thick_model, tmp_path: Path) -> None:
+    truth, low = make_thick(anatomical(), 2)
+    before = low.array.copy()
+    original = [p.detach().clone() for p in thick_model.net.parameters()]
+    adapted, cost = adapt_model(thick_model, low, 2, 6, lr=1e-3)
+    np.testing.assert_array_equal(low.array, before)  # the input is never changed
+    assert all(torch.equal(a, p) for a, p in zip(original, thick_model.net.parameters()))  # nor the loaded model
+    assert any(not torch.equal(a, p) for a, p in zip(original, adapted.net.parameters()))
+    assert cost["steps"] == 6 and cost["seconds"] > 0 and "adapted 6 steps" in adapted.path
+    res = enhance_through_plane(low, adapted, FAST)
+    assert res.consistency["relative_mean_abs_error"] < 1e-5
+    inplane = tiny_model(tmp_path / "in.pt", "block:2x2", (16, 16))
+    with pytest.raises(MedsrError, match="through-plane model"):
+        adapt_model(inplane, low, 2, 2)
+
+
 # --- --model auto through `medsr enhance` ------------------------------------------------------------------------
 
 
@@ -179,10 +197,11 @@ def test_auto_on_a_thick_dicom_series_runs_through_plane(registry, tmp_path: Pat
 def test_auto_on_a_nifti_with_thick_first_axis(registry, tmp_path: Path) -> None:
     truth, low = make_thick(anatomical(), 0)
     save_nifti(low, tmp_path / "thick.nii.gz")
-    res = run_enhance(str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "out"))
+    res = run_enhance(str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "out"), "--adapt", "3")
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "thick" / "report.json").read_text())
     assert report["model"]["choice"]["axis"] == 0 and report["output"]["scale"] == [4, 1, 1]
+    assert report["sampling"]["adapt"]["applied"] and report["sampling"]["adapt"]["steps"] == 3
     assert "thick slices along axis 0" in report["model"]["choice"]["reason"]
     mean = load_scan(tmp_path / "out" / "thick" / "mean.nii.gz")
     np.testing.assert_allclose(mean.affine, truth.affine, atol=1e-4)
