@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 import medsr.cli
 from medsr.adapt import adapt_model
-from medsr.config import SamplingConfig
+from medsr.config import SamplingConfig, load_config
+from medsr.data import PatchDataset, Volume
+from medsr.degrade import parse_spec
 from medsr.errors import MedsrError
 from medsr.evaluate import degrade_scan
 from medsr.io import Scan, load_scan, save_nifti
@@ -46,6 +48,31 @@ def make_thick(truth: Scan, axis: int, f: int = 4) -> tuple[Scan, Scan]:
 def block_mean(vol: np.ndarray, axis: int, f: int) -> np.ndarray:
     moved = np.moveaxis(vol, axis, -1)
     return np.moveaxis(moved.reshape(*moved.shape[:-1], -1, f).mean(-1), -1, axis)
+
+
+def _axes_of(hr: torch.Tensor) -> tuple[float, float]:
+    """The steps of a patch of the volume 1 x + 10 y + 100 z along its two axes: which array axes it spans."""
+    p = hr[0].double()
+    return round(float((p[1:] - p[:-1]).mean())), round(float((p[:, 1:] - p[:, :-1]).mean()))
+
+
+def test_slice_axes_cut_training_patches_across_every_listed_axis() -> None:
+    x, y, z = np.meshgrid(np.arange(40), np.arange(40), np.arange(40), indexing="ij")
+    ramp = (1.0 * x + 10.0 * y + 100.0 * z).astype(np.float32)
+    vol = Volume("ramp", ramp, np.argwhere(ramp >= 0)[:1000].astype(np.int32))
+    spec = parse_spec("block:1x4")
+    many = PatchDataset([vol], spec, (16, 16), 60, slice_axes=(0, 1, 2))
+    seen = {_axes_of(many[i]["hr"]) for i in range(60)}
+    assert seen == {(10, 100), (1, 100), (1, 10)}  # sagittal, coronal and axial planes; thick axis second
+    # default (no slice_axes): exactly the items of a single-axis dataset, as before the option existed
+    one, old = PatchDataset([vol], spec, (16, 16), 5, slice_axis=1), PatchDataset([vol], spec, (16, 16), 5,
+                                                                                  slice_axis=1, slice_axes=())
+    assert all(torch.equal(one[i]["hr"], old[i]["hr"]) and _axes_of(one[i]["hr"]) == (1, 100) for i in range(5))
+    flat = Volume("slice", ramp[:, :, :1].copy(), np.zeros((1, 3), np.int32))  # a single slice: its own plane only
+    assert {_axes_of(PatchDataset([flat], spec, (16, 16), 20, slice_axes=(0, 1, 2))[i]["hr"])
+            for i in range(20)} == {(1, 10)}
+    with pytest.raises(MedsrError, match="slice_axes"):
+        load_config(None, ["data.slice_axes=[0, 3]"])
 
 
 def test_pooled_moments_equal_the_statistics_of_all_samples_together() -> None:
