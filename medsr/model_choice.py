@@ -104,5 +104,6 @@ def explicit_choice(name_or_path: str, spec: DegradeSpec, spacing: Sequence[floa
         return ModelChoice(name_or_path, "throughplane", thick, max(spec.factors),
                            f"--model {name_or_path}: a through-plane model ({spec}), along the scan's coarsest "
                            f"axis {thick}")
+    where = "on the whole volume" if spec.spatial_dims == 3 else f"slices across axis {slice_axis}"
     return ModelChoice(name_or_path, "inplane", slice_axis, max(spec.factors),
-                       f"--model {name_or_path} ({spec}), slices across axis {slice_axis}")
+                       f"--model {name_or_path} ({spec}), {where}")
