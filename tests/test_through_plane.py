@@ -254,3 +254,32 @@ def test_models_lists_the_registry(registry) -> None:
     rows = {r["name"]: r for r in json.loads(res.output)}
     assert rows["thick_x4"]["task"] == "throughplane" and rows["thick_x4"]["factors"] == "1x4"
     assert rows["default"]["calibration"] == "1.0" and rows["default"]["modalities"] == "CT,MR"
+
+
+@pytest.mark.slow
+def test_a_tiny_trained_model_beats_cubic_and_the_projection_alone(tmp_path: Path) -> None:
+    """300 steps of a 16-32 model on MNI152 (a training scan), scored on the held-out anatomical.nii made thick
+    (2 mm -> 8 mm along Z). Measured: cubic 27.22 dB, cubic + projection 27.34, medsr mean 27.42 (~5 min of
+    training on a shared 2-core machine: too slow for the fast suite). The bar that shows the network learnt
+    something is cubic + projection: the projection alone already beats cubic."""
+    overrides = ["degrade=block:1x4", "data.train=[nilearn:mni152]", "data.patch_size=[32,32]",
+                 "data.slice_axes=[0,1,2]", "model.channels=[16,32]", "model.attention_levels=[false,false]",
+                 "model.num_head_channels=8", "model.norm_num_groups=8", "diffusion.prediction=v_prediction",
+                 "diffusion.residual_scale=8.0", "train.steps=300", "train.batch_size=8", "train.lr=0.001",
+                 "train.warmup_steps=20", "train.ema_decay=0.95", "train.amp=none", "train.device=cpu",
+                 "train.threads=1", "train.ckpt_every=300", "train.val_every=300", f"train.out_dir={tmp_path / 'run'}"]
+    cfg = load_config(None, overrides)
+    from medsr.model import load_model
+    from medsr.train import train
+
+    model = load_model(train(cfg).checkpoint)
+    truth, low = make_thick(anatomical(), 2)
+    t = truth.array[0].astype(np.float64)
+
+    def psnr(x: np.ndarray) -> float:
+        return float(10 * np.log10(np.ptp(t) ** 2 / np.mean((x - t) ** 2)))
+
+    res = enhance_through_plane(low, model, SamplingConfig(samples=4, steps=10, device="cpu", amp="none"))
+    cubic = cubic_along(low.array[0], 2, 4)
+    projected = cubic + np.repeat(low.array[0] - block_mean(cubic, 2, 4), 4, axis=2)
+    assert psnr(res.mean.array[0]) > psnr(projected) > psnr(cubic)
