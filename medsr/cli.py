@@ -75,10 +75,14 @@ _SAMPLING = SamplingConfig()  # the defaults every sampling option below shows
 _MODEL_HELP = "shipped model name or medsr checkpoint path (default: the shipped default model)"
 
 
+_ENHANCE_MODEL_HELP = ("auto (default: chosen per scan from its geometry, see `medsr models`), a shipped model "
+                       "name, or a medsr checkpoint path (its degradation decides in-plane or through-plane)")
+
+
 @app.command()
 def enhance(
     inputs: list[Path] = typer.Argument(..., help="scans: NIfTI files, DICOM files or DICOM series folders"),
-    model: str | None = typer.Option(None, help=_MODEL_HELP),
+    model: str = typer.Option("auto", help=_ENHANCE_MODEL_HELP),
     out: Path = typer.Option(Path("medsr_out"), help="output folder; each input gets OUT/NAME/"),
     samples: int = typer.Option(_SAMPLING.samples, help="diffusion samples per scan (mean, std, interval)"),
     steps: int = typer.Option(_SAMPLING.steps, help="DDIM steps per sample (model card: steps/samples study)"),
@@ -92,24 +96,36 @@ def enhance(
     overlap: float = typer.Option(_SAMPLING.overlap, help="sliding-window overlap, in [0, 1)"),
     series_uid: str | None = typer.Option(None, help="series to use in a folder holding several"),
     volume_index: int | None = typer.Option(None, help="volume of a 4D NIfTI to enhance (0-based)"),
+    adapt: int = typer.Option(0, help="through-plane jobs: first fine-tune the model for STEPS steps on the scan's "
+                                      "own in-plane slices (self-supervised; 0: off)"),
 ) -> None:
     """Enhance scans: posterior mean, per-voxel std, 5-95% interval, review figure and report per input."""
     from tqdm import tqdm
 
-    from medsr.enhance import enhance_scan
+    from medsr.enhance import choose_slice_axis
     from medsr.io import load_scan
     from medsr.io.paths import printable
     from medsr.io.refs import resolve_ref
-    from medsr.model import load_model
+    from medsr.model import LoadedModel, load_model
+    from medsr.model_choice import AUTO, choose_model, explicit_choice
     from medsr.outputs import plan_destinations, write_outputs
     from medsr.runtime import resolve_device, resolve_model
+    from medsr.through_plane import enhance_with_choice
 
     try:
         if fmt not in (None, "nifti", "dicom", "both"):
             raise MedsrError(f"--format must be nifti, dicom or both, got {fmt!r}")
         options = SamplingConfig(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device, amp=amp,
                                  project=projection, overlap=overlap, keep_samples=save_samples)
-        loaded = load_model(resolve_model(model), device=resolve_device(device))
+        loaded_by_name: dict[str, LoadedModel] = {}
+
+        def loaded_model(name_or_path: str) -> LoadedModel:
+            if name_or_path not in loaded_by_name:
+                loaded_by_name[name_or_path] = load_model(resolve_model(name_or_path), device=resolve_device(device))
+            return loaded_by_name[name_or_path]
+
+        if model != AUTO:
+            loaded_model(model)  # a bad --model fails before any scan is read
         sources = [resolve_ref(str(p)) for p in inputs]
         spelled = {Path(src).resolve(): str(text) for src, text in zip(sources, inputs)}  # as the user typed it
         plan = plan_destinations(sources, out)  # one folder per input, never on an input
@@ -119,6 +135,26 @@ def enhance(
         for dest in plan:
             path = dest.source
             scan = load_scan(path, series_uid=series_uid, volume_index=volume_index)
+            if model == AUTO:
+                choice = choose_model(scan.spacing, scan.spatial_shape, scan.acquisition_axis)
+                loaded = loaded_model(choice.name)
+            else:
+                loaded = loaded_model(model)
+                choice = explicit_choice(model, loaded.degradation, scan.spacing, choose_slice_axis(scan))
+            shown = printable(spelled.get(Path(path).resolve(), str(path)))
+            typer.echo(f"{shown}: model {printable(choice.name)} ({choice.task}): {printable(choice.reason)}")
+            adapted: dict[str, object] | None = None
+            if adapt < 0:
+                raise MedsrError(f"--adapt STEPS must be >= 0, got {adapt}")
+            if adapt and choice.task == "throughplane":
+                from medsr.adapt import adapt_model
+
+                loaded, cost = adapt_model(loaded, scan, choice.axis, adapt, seed=seed)
+                adapted = {"applied": True, **cost}
+                typer.echo(f"{shown}: adapted for {adapt} steps on its own in-plane slices ({cost['seconds']:.1f} s)")
+            elif adapt:
+                adapted = {"applied": False, "why": "--adapt applies to through-plane jobs only"}
+                typer.echo(f"note: {shown}: --adapt not applied (in-plane job)", err=True)
             is_dicom = bool(scan.dicom_headers)
             formats = fmt or ("both" if is_dicom else "nifti")
             with tqdm(total=1, desc=scan.name, unit="step", dynamic_ncols=True) as bar:
@@ -127,7 +163,9 @@ def enhance(
                     bar.n = done
                     bar.refresh()
 
-                result = enhance_scan(scan, loaded, options, progress)
+                result = enhance_with_choice(scan, loaded, choice, options, progress)
+            if adapted is not None:
+                result.info["adapt"] = adapted
             folder = write_outputs(scan, result, loaded, options, out, name=dest.folder.name, formats=formats,
                                    save_samples=save_samples, inputs=sources)
             shown = printable(spelled.get(Path(path).resolve(), str(path)))
@@ -136,6 +174,31 @@ def enhance(
                        f"({result.score.value:.2f}% of range), {result.timings['total_s']:.1f} s)")
     except MedsrError as exc:
         _fail(exc)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """List the shipped models: name, task, factors, modalities, calibration and model card."""
+    from medsr.model import load_model
+    from medsr.runtime import SHIPPED_MODELS
+
+    rows = []
+    for entry in SHIPPED_MODELS.values():
+        try:
+            calibration = str(load_model(entry.path).calibration) if entry.path.is_file() else "missing from install"
+        except MedsrError as exc:
+            calibration = f"unreadable ({exc})"
+        rows.append({"name": entry.name, "task": entry.task, "factors": "x".join(map(str, entry.factors)),
+                     "modalities": ",".join(entry.modalities), "auto": entry.auto, "calibration": calibration,
+                     "card": entry.card, "description": entry.description})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    keys = ["name", "task", "factors", "modalities", "auto", "calibration", "card", "description"]
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    typer.echo("  ".join(f"{k:<{widths[k]}}" for k in keys))
+    for r in rows:
+        typer.echo("  ".join(f"{str(r[k]):<{widths[k]}}" for k in keys))
 
 
 @app.command()

@@ -75,6 +75,9 @@ class DataConfig:
         val: held-out scans (split by scan, never by patch).
         patch_size: fine-grid patch, 2 values for 2D models, 3 for 3D; divisible by the degradation factors.
         slice_axis: for 2D models, the array axis (0, 1, 2 of X, Y, Z) that slices are cut across.
+        slice_axes: for 2D models, several axes to cut slices across, one drawn per patch (e.g. ``[0, 1, 2]``:
+            sagittal, coronal and axial planes, so a through-plane model sees the planes that contain thick
+            axes); empty (default): ``slice_axis`` alone, so older configs and checkpoints mean the same.
         foreground_fraction: share of patches centred on a foreground voxel (the rest uniformly anywhere).
         foreground_threshold: normalised intensity above which a voxel counts as foreground (air is about -1).
         num_workers: DataLoader worker processes.
@@ -85,6 +88,7 @@ class DataConfig:
     val: list[str] = field(default_factory=list)
     patch_size: tuple[int, ...] = (64, 64)
     slice_axis: int = 2
+    slice_axes: tuple[int, ...] = ()
     foreground_fraction: float = 0.9
     foreground_threshold: float = -0.8
     num_workers: int = 0
@@ -303,6 +307,8 @@ def validate_config(cfg: Config) -> None:
     _need(len(d.patch_size) >= 1 and all(p >= 1 for p in d.patch_size), "data.patch_size", "positive sizes",
           d.patch_size)
     _need(d.slice_axis in (0, 1, 2), "data.slice_axis", "0, 1 or 2", d.slice_axis)
+    _need(all(a in (0, 1, 2) for a in d.slice_axes) and len(set(d.slice_axes)) == len(d.slice_axes),
+          "data.slice_axes", "distinct axes among 0, 1, 2 (or empty)", d.slice_axes)
     _need(0.0 <= d.foreground_fraction <= 1.0, "data.foreground_fraction", "in [0, 1]", d.foreground_fraction)
     _need(_finite(d.foreground_threshold), "data.foreground_threshold", "a finite number", d.foreground_threshold)
     _need(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)

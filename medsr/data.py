@@ -134,6 +134,8 @@ class PatchDataset(Dataset):
         length: number of items (training: steps x batch; validation: a fixed set).
         seed, rank: with the item index, all that decides an item.
         foreground_fraction: share of patches centred on a foreground voxel.
+        slice_axes: 2D patches: several axes to cut slices across, one drawn per item; empty or None:
+            ``slice_axis`` alone (and then no draw is made, so items are exactly those of older versions).
         augment: training-time augmentation of the high-resolution patch before degradation (None: none).
         lowdose_cache: folder for whole-slice low-dose noise (made once, reused); "lowdose" specs only. Without
             it the noise is simulated on the patch alone (no attenuation from outside it: tests, quick runs).
@@ -143,7 +145,8 @@ class PatchDataset(Dataset):
 
     def __init__(self, volumes: Sequence[Volume], spec: DegradeSpec, patch_size: Sequence[int], length: int,
                  seed: int = 0, rank: int = 0, slice_axis: int = 2, foreground_fraction: float = 0.9,
-                 augment: AugmentConfig | None = None, lowdose_cache: str | Path | None = None) -> None:
+                 augment: AugmentConfig | None = None, lowdose_cache: str | Path | None = None,
+                 slice_axes: Sequence[int] | None = None) -> None:
         if not volumes:
             raise MedsrError("no scans to cut patches from (data.train / data.val is empty)")
         if len(patch_size) != spec.spatial_dims:
@@ -156,6 +159,9 @@ class PatchDataset(Dataset):
         self.length = int(length)
         self.seed, self.rank = int(seed), int(rank)
         self.slice_axis = int(slice_axis)
+        self.slice_axes = tuple(int(a) for a in slice_axes) if slice_axes else (self.slice_axis,)
+        if any(a not in (0, 1, 2) for a in self.slice_axes):
+            raise MedsrError(f"slice axes must be among 0, 1, 2, got {self.slice_axes}")
         self.foreground_fraction = float(foreground_fraction)
         self.augment = build_augment(augment, self.patch_size, spec.factors) if augment is not None else None
         self._augment_state: np.random.RandomState | None = None
@@ -171,14 +177,22 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _window(self, vol: Volume, rng: np.random.Generator) -> tuple[list[tuple[int, int]], tuple[slice, ...]]:
-        """Where the patch is: padding for scans smaller than it, and the slices into the padded scan."""
-        shape = vol.data.shape
+    def _window(self, vol: Volume, rng: np.random.Generator) -> tuple[list[tuple[int, int]], tuple[slice, ...], int]:
+        """Where the patch is: padding for scans smaller than it, the slices into the padded scan, and (2D) the
+        axis the slice is cut across."""
+        data = vol.data
+        shape = data.shape
+        axis = self.slice_axis
         if len(self.patch_size) == 2:
+            if len(self.slice_axes) > 1:  # drawn only then: single-axis items stay those of older versions
+                # planes of a single slice (Z = 1) have one real axis: such a scan is cut in its own plane only
+                usable = [a for a in self.slice_axes if all(data.shape[b] > 1 for b in range(3) if b != a)]
+                usable = usable or [self.slice_axis]
+                axis = usable[int(rng.integers(len(usable)))]
             size = [0, 0, 0]
-            in_plane = [a for a in range(3) if a != self.slice_axis]
+            in_plane = [a for a in range(3) if a != axis]
             size[in_plane[0]], size[in_plane[1]] = self.patch_size
-            size[self.slice_axis] = 1
+            size[axis] = 1
         else:
             size = list(self.patch_size)
         if len(vol.foreground) and rng.random() < self.foreground_fraction:
@@ -190,28 +204,28 @@ class PatchDataset(Dataset):
         centre = centre + np.array([p[0] for p in pad])
         padded = [n + a + b for n, (a, b) in zip(shape, pad)]
         start = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, size, padded)]
-        return pad, tuple(slice(b, b + s) for b, s in zip(start, size))
+        return pad, tuple(slice(b, b + s) for b, s in zip(start, size)), axis
 
-    def _cut(self, data: np.ndarray, pad: list[tuple[int, int]], where: tuple[slice, ...]) -> np.ndarray:
+    def _cut(self, data: np.ndarray, pad: list[tuple[int, int]], where: tuple[slice, ...], axis: int) -> np.ndarray:
         if any(p != (0, 0) for p in pad):
             data = np.pad(data, pad, mode="edge")
         patch = data[where]
-        return patch.squeeze(self.slice_axis) if len(self.patch_size) == 2 else patch
+        return patch.squeeze(axis) if len(self.patch_size) == 2 else patch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
         v = int(rng.integers(len(self.volumes)))
         vol = self.volumes[v]
-        pad, where = self._window(vol, rng)
-        hr = torch.from_numpy(np.ascontiguousarray(self._cut(vol.data, pad, where)))[None, None].float()
+        pad, where, axis = self._window(vol, rng)
+        hr = torch.from_numpy(np.ascontiguousarray(self._cut(vol.data, pad, where, axis)))[None, None].float()
         if self.augment is not None:  # before degradation: the input is always the degradation of the target
             hr = self._augment(hr[0], int(index))[None]
         params = draw_params(self.spec, rng)
         if self.noise is not None:  # whole-slice low-dose noise, made once, cut at the patch's place
-            noise = self._cut(self.noise[v][int(rng.integers(len(self.noise[v])))], pad, where)
+            noise = self._cut(self.noise[v][int(rng.integers(len(self.noise[v])))], pad, where, axis)
             lowres = self.spec.forward(hr + torch.from_numpy(noise.astype(np.float32))[None, None])
         else:
-            in_plane = [s for a, s in enumerate(vol.spacing) if a != self.slice_axis or len(self.patch_size) == 3]
+            in_plane = [s for a, s in enumerate(vol.spacing) if a != axis or len(self.patch_size) == 3]
             lowres = apply_degradation(hr, params, float(np.mean(in_plane[:2])), vol.window or (-1024.0, 1024.0))
         cond = upsample(lowres, self.spec.factors)
         return {"hr": hr[0], "cond": cond[0], "lowres": lowres[0]}

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medsr.degrade import DegradeSpec
 from medsr.errors import MedsrError
 from medsr.runtime import SHIPPED_MODELS, ShippedModel
 
-__all__ = ["THICK_RATIO", "ModelChoice", "choose_model"]
+__all__ = ["THICK_RATIO", "AUTO", "ModelChoice", "choose_model", "is_through_plane", "explicit_choice"]
+
+AUTO = "auto"  # ``--model auto``: choose from the scan's geometry
 
 THICK_RATIO = 1.5  # one axis at least this much coarser than both others counts as thick slices
 
@@ -83,3 +86,24 @@ def choose_model(spacing: Sequence[float], shape: Sequence[int], acquisition_axi
     if sp[middle] >= THICK_RATIO * sp[finest]:  # two coarse axes: enhance the plane they span
         return in_plane(finest, f"two coarse axes: in-plane model {inp.name!r} on the plane they span")
     return in_plane(2, f"near-isotropic voxels: in-plane model {inp.name!r} on axial slices")
+
+
+def is_through_plane(spec: DegradeSpec) -> bool:
+    """A 2D block average along exactly one image axis (``block:1x4``): a model that refines one axis, used on
+    the planes that contain a scan's thick axis (:mod:`medsr.through_plane`)."""
+    return spec.kind == "block" and spec.spatial_dims == 2 and min(spec.factors) == 1 and max(spec.factors) > 1
+
+
+def explicit_choice(name_or_path: str, spec: DegradeSpec, spacing: Sequence[float], slice_axis: int) -> ModelChoice:
+    """What ``--model NAME|PATH`` runs: the checkpoint's own degradation decides the task (a 2D spec with one
+    factor 1 is through-plane, along the scan's coarsest axis; anything else works as before, across
+    ``slice_axis``)."""
+    if is_through_plane(spec):
+        sp = np.asarray(spacing, np.float64)
+        thick = int(np.flatnonzero(sp >= sp.max() * (1 - 1e-3))[-1])
+        return ModelChoice(name_or_path, "throughplane", thick, max(spec.factors),
+                           f"--model {name_or_path}: a through-plane model ({spec}), along the scan's coarsest "
+                           f"axis {thick}")
+    where = "on the whole volume" if spec.spatial_dims == 3 else f"slices across axis {slice_axis}"
+    return ModelChoice(name_or_path, "inplane", slice_axis, max(spec.factors),
+                       f"--model {name_or_path} ({spec}), {where}")

@@ -62,7 +62,8 @@ def build_report(scan: Scan, result: EnhanceResult, model: LoadedModel, options:
     return {
         "medsr_version": __version__,
         "model": {"path": model.path, "sha256": model.sha256, "step": model.step,
-                  "degradation": model.config.degrade, "calibration": model.calibration.to_report()},
+                  "degradation": model.config.degrade, "calibration": model.calibration.to_report(),
+                  "choice": result.info.get("model_choice")},  # which model ran and why (--model auto)
         "input": {"source": str(Path(scan.source).resolve()) if scan.source else "",
                   "format": getattr(scan, "format", ""), "modality": scan.modality,
                   "shape": list(scan.spatial_shape), "spacing_mm": [round(s, 6) for s in scan.spacing]},
@@ -71,7 +72,8 @@ def build_report(scan: Scan, result: EnhanceResult, model: LoadedModel, options:
                    "scale": list(result.factors)},
         "sampling": {"sampler": options.sampler, "steps": options.steps, "samples": options.samples,
                      "seed": options.seed, "data_consistency_projection": options.project,
-                     "overlap": options.overlap, **{k: v for k, v in result.info.items() if k != "calibration"}},
+                     "overlap": options.overlap,
+                     **{k: v for k, v in result.info.items() if k not in ("calibration", "model_choice")}},
         "calibration": result.info.get("calibration", {}),
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
         "score": {"value": result.score.value,
@@ -235,14 +237,30 @@ def _write_all(scan: Scan, result: EnhanceResult, model: LoadedModel, options: E
                        modality=scan.modality, source=scan.source)
         save_nifti(samples, folder / "samples.nii.gz")
         written.append("samples.nii.gz")
-    halfwidth = 0.5 * (result.q95.array[0] - result.q05.array[0])
-    review_figure(scan.array[0], result.mean.array[0], halfwidth, result.factors, folder / "review.png",
-                  title=_review_title(result, options), units=f"({_units(scan)})",
-                  slice_axis=2 if result.info.get("slice_axis") is None else result.info["slice_axis"],
-                  affine=scan.affine, heat_label="± half-width of 90% interval",
-                  heat_title="uncertainty: ± half-width of the 90% interval")
+    if result.info.get("task") == "throughplane":  # a reformatted plane: where thick slices show
+        _through_plane_review(scan, result, folder / "review.png", options, _units(scan))
+    else:
+        halfwidth = 0.5 * (result.q95.array[0] - result.q05.array[0])
+        review_figure(scan.array[0], result.mean.array[0], halfwidth, result.factors, folder / "review.png",
+                      title=_review_title(result, options), units=f"({_units(scan)})",
+                      slice_axis=2 if result.info.get("slice_axis") is None else result.info["slice_axis"],
+                      affine=scan.affine, heat_label="± half-width of 90% interval",
+                      heat_title="uncertainty: ± half-width of the 90% interval")
     written.append("review.png")
     report = _finite(build_report(scan, result, model, options))
     report["files"] = written + ["report.json"]
     with atomic_path(folder / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
+
+
+def _through_plane_review(scan: Scan, result: EnhanceResult, path: Path, options: EnhanceOptions, units: str) -> None:
+    from medsr.review import through_plane_figure
+    from medsr.through_plane import cubic_along
+
+    axis = int(result.info["thick_axis"])
+    factor = int(result.factors[axis])
+    through_plane_figure(scan.array[0], cubic_along(scan.array[0], axis, factor), result.mean.array[0],
+                         result.std.array[0], axis, factor, path,
+                         title=f"medsr through-plane x{factor} along axis {axis}, {options.samples} samples; "
+                               f"90% interval ±{result.score.halfwidth:.3g} {units} on average "
+                               f"({result.score.value:.2f}% of range)", units=units, affine=scan.affine)

@@ -21,7 +21,7 @@ from matplotlib.patches import Rectangle
 
 from medsr.io.paths import atomic_path, sanitize_component
 
-__all__ = ["review_figure", "write_evaluation_figures"]
+__all__ = ["review_figure", "through_plane_figure", "write_evaluation_figures"]
 
 
 def _pick_slice(vol: np.ndarray, axis: int) -> int:
@@ -169,3 +169,50 @@ def _compare_figure(s: Any, path: Path) -> Path:
     fig.colorbar(im, ax=axes[-2:], fraction=0.046, pad=0.02, label="normalised units")
     fig.suptitle(s.name, fontsize=10)
     return _save(fig, path)
+
+
+def through_plane_figure(
+    low: np.ndarray,
+    cubic: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    thick_axis: int,
+    factor: int,
+    path: str | os.PathLike[str],
+    title: str = "",
+    units: str = "",
+    affine: np.ndarray | None = None,
+) -> Path:
+    """The review PNG of a through-plane job: one reformatted plane that contains the thick axis (where a reader
+    sees thick slices), as input (thick slices repeated) | cubic along the thick axis | medsr mean | std.
+
+    ``low`` is ``(X, Y, Z)`` coarse along ``thick_axis``; the others are on the fine grid; ``affine`` (the
+    input's) orders the planes radiologically, as :func:`review_figure` does.
+    """
+    low_fine = np.repeat(low, factor, axis=thick_axis)
+    vols = [low_fine, cubic, mean, std]
+    shown_axis = [a for a in range(3) if a != thick_axis][0]  # slice across an in-plane axis: a reformatted plane
+    if affine is not None:
+        vols, perm = _to_ras(vols, affine)
+        shown_axis = int(perm[shown_axis])
+    index = _pick_slice(vols[2], shown_axis)
+    planes = [_plane(v, shown_axis, index) for v in vols]
+    vmin, vmax = np.percentile(planes[2], [1, 99.5])
+    smax = max(float(np.percentile(planes[3], 99.5)), 1e-6)
+    fig = Figure(figsize=(16, 4.6), layout="constrained")
+    axes = fig.subplots(1, 4)
+    for ax, plane, name in zip(axes[:3], planes[:3], ("input (thick slices)", "cubic along the thick axis",
+                                                      "medsr (posterior mean)")):
+        ax.imshow(plane, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest")
+        ax.set_title(name)
+    heat = axes[3].imshow(planes[3], cmap="inferno", vmin=0, vmax=smax, origin="lower", interpolation="nearest")
+    fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.02, label=f"std {units}".strip())
+    axes[3].set_title("uncertainty (per-voxel std)")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=11)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return Path(path)

@@ -150,7 +150,8 @@ def train(cfg: Config) -> TrainResult:
     total = cfg.train.steps * cfg.train.batch_size
     noise_cache = out_dir / "lowdose_cache"  # whole-slice low-dose CT noise, made once ("lowdose" specs only)
     train_set = PatchDataset(volumes, spec, cfg.data.patch_size, total, cfg.train.seed, rank, cfg.data.slice_axis,
-                             cfg.data.foreground_fraction, augment=cfg.data.augment, lowdose_cache=noise_cache)
+                             cfg.data.foreground_fraction, augment=cfg.data.augment, lowdose_cache=noise_cache,
+                             slice_axes=cfg.data.slice_axes)
     indices = list(range(start * cfg.train.batch_size, total))
     loader = DataLoader(torch.utils.data.Subset(train_set, indices), batch_size=cfg.train.batch_size,
                         shuffle=False, num_workers=cfg.data.num_workers, drop_last=True,
@@ -159,7 +160,8 @@ def train(cfg: Config) -> TrainResult:
     if cfg.data.val and rank == 0:
         val_vols = load_volumes(cfg.data.val, cfg.intensity, cfg.data.foreground_threshold, seed=cfg.train.seed)
         val_set = PatchDataset(val_vols, spec, cfg.data.patch_size, cfg.train.val_patches, seed=12345,
-                               slice_axis=cfg.data.slice_axis, foreground_fraction=1.0, lowdose_cache=noise_cache)
+                               slice_axis=cfg.data.slice_axis, foreground_fraction=1.0, lowdose_cache=noise_cache,
+                               slice_axes=cfg.data.slice_axes)
         val_batches = list(DataLoader(val_set, batch_size=min(cfg.train.batch_size, cfg.train.val_patches)))
 
     if rank == 0:

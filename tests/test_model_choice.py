@@ -55,3 +55,13 @@ def test_without_a_through_plane_model_the_fallback_is_said() -> None:
 
 def test_the_shipped_registry_has_an_in_plane_default() -> None:
     assert choose_model((1, 1, 1), (8, 8, 8)).name in SHIPPED_MODELS
+
+
+@pytest.mark.parametrize(("spec", "through"), [("block:1x4", True), ("block:4x1", True), ("block:4x4", False),
+                                               ("block:1x1x4", False), ("lowdose:1x1,dose=0.25", False),
+                                               ("kspace:1x4", False), ("block:1x1", False)])
+def test_a_checkpoints_degradation_says_whether_it_is_through_plane(spec: str, through: bool) -> None:
+    from medsr.degrade import parse_spec
+    from medsr.model_choice import is_through_plane
+
+    assert is_through_plane(parse_spec(spec)) is through
