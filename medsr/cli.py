@@ -185,7 +185,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="print JSON instea
     rows = []
     for entry in SHIPPED_MODELS.values():
         try:
-            calibration = str(load_model(entry.path).calibration) if entry.path.is_file() else "missing from install"
+            calibration = (load_model(entry.path).calibration.summary() if entry.path.is_file()
+                           else "missing from install")
         except MedsrError as exc:
             calibration = f"unreadable ({exc})"
         rows.append({"name": entry.name, "task": entry.task, "factors": "x".join(map(str, entry.factors)),

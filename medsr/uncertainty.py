@@ -321,6 +321,12 @@ class ModelCalibration:
     per_modality: dict[str, Calibration] = field(default_factory=dict)
     legacy: bool = False  # read from a v0.1 float
 
+    def summary(self) -> str:
+        """One line for listings: the scale per modality, its basis and the number of calibration scans."""
+        if not self.per_modality:
+            return "none"
+        return ", ".join(f"{k}: x{c.scale:.3g} ({c.basis}, n={c.n})" for k, c in sorted(self.per_modality.items()))
+
     def for_modality(self, modality: str) -> tuple[Calibration, str]:
         """The calibration for a scan of ``modality`` and the key it was filed under ("" for none)."""
         key = "CT" if modality.upper() == "CT" else "MR"

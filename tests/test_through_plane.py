@@ -138,7 +138,8 @@ def test_pooled_result_is_the_statistics_of_both_orientations_samples(thick_mode
     assert np.abs(s[2] - s[:2].mean(0)).mean() > 0  # the orientations' samples differ
     tol = 1e-4 * float(np.ptp(low.array))
     np.testing.assert_allclose(res.mean.array[0], s.mean(0), atol=tol)
-    np.testing.assert_allclose(res.std.array[0], s.std(0, ddof=1) * thick_model.calibration, atol=tol)
+    factor = thick_model.calibration.for_modality(low.modality)[0].std_factor
+    np.testing.assert_allclose(res.std.array[0], s.std(0, ddof=1) * factor, atol=tol)
     q = np.quantile(s, [0.05, 0.95], axis=0)
     assert res.interval_method == "empirical"
     np.testing.assert_allclose(res.q05.array[0], q[0], atol=tol)
@@ -253,7 +254,7 @@ def test_models_lists_the_registry(registry) -> None:
     assert res.exit_code == 0, res.output
     rows = {r["name"]: r for r in json.loads(res.output)}
     assert rows["thick_x4"]["task"] == "throughplane" and rows["thick_x4"]["factors"] == "1x4"
-    assert rows["default"]["calibration"] == "1.0" and rows["default"]["modalities"] == "CT,MR"
+    assert rows["default"]["calibration"] == "none" and rows["default"]["modalities"] == "CT,MR"
 
 
 @pytest.mark.slow
