@@ -92,9 +92,11 @@ def _credentials(credentials_file: str | None) -> dict[str, str]:
 
 def connect(url: str, credentials_file: str | None = None, timeout_s: float = 60.0) -> Any:
     """A ``DICOMwebClient`` for ``url`` with the credentials from the environment or the file."""
-    from dicomweb_client.api import DICOMwebClient
-    from dicomweb_client.session_utils import create_session
-
+    try:
+        from dicomweb_client.api import DICOMwebClient
+        from dicomweb_client.session_utils import create_session
+    except ImportError:
+        raise MedsrError("a DICOMweb source needs dicomweb-client: pip install 'medsr[archive]'") from None
     session = create_session()
     creds = _credentials(credentials_file)
     if "token" in creds:
