@@ -223,6 +223,8 @@ def _discover(manifest: Manifest, src: _Source, dst: Path, opt: ArchiveOptions) 
         else:
             items, studies, prints = dicomweb.list_series(src.client, opt.modality, opt.study_date,
                                                           opt.series_description)
+            ours = manifest.stored_series()  # results this archive stored back are not items to enhance
+            items = [it for it in items if it.series_uid not in ours]
         new = manifest.add_items(items)
         if src.path is None:
             manifest.set_studies(studies)

@@ -7,7 +7,9 @@ is done by ``dicomweb-client``; this module only decides what to ask for and whe
 - **Listing** (:func:`list_series`): one QIDO-RS series query; each series becomes an item
   ``dicomweb:<SeriesInstanceUID>`` whose output folder is made of digests and the integer SeriesNumber only
   (no DICOM text reaches a path). Its fingerprint is the number of instances the PACS reports, so a series that
-  grew since the last run is redone.
+  grew since the last run is redone. Series this archive stored back are left out of the listing (the manifest
+  knows their UIDs); any other series medsr derived is recognised after download (its SoftwareVersions) and
+  skipped, so results are never enhanced again.
 - **Retrieval** (:func:`fetch_series`): WADO-RS into ``DST/.medsr-archive/cache/<key>.part-<pid>/``, renamed to
   ``cache/<key>/`` only when every instance is on disk: a cache folder without ``.part`` is complete, so an item
   interrupted after its download is not downloaded again. :func:`process_remote` removes the cache folder once
@@ -212,11 +214,27 @@ def process_remote(task: dict[str, Any]) -> dict[str, Any]:
     transfer = time.perf_counter() - t0 if downloaded else 0.0
     try:
         files = sorted(p.name for p in folder.iterdir() if p.suffix == ".dcm")
-        result = process({**task, "root": str(folder), "sources": files})
+        if _made_by_medsr(folder / files[0]):
+            result = {"state": "skipped", "category": "medsr output", "score": None, "pid": os.getpid(),
+                      "reason": "a series medsr derived (SoftwareVersions names medsr); not enhanced again",
+                      "seconds": round(time.perf_counter() - t0, 3)}
+        else:
+            result = process({**task, "root": str(folder), "sources": files})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     result["transfer_s"] = round(transfer, 3)
     return result
+
+
+def _made_by_medsr(path: Path) -> bool:
+    """True for an object medsr wrote (its SoftwareVersions end with ``medsr <version>``)."""
+    try:
+        found = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SoftwareVersions"]).get(
+            "SoftwareVersions", "")
+    except Exception:  # unreadable: the enhancement reports it properly
+        return False
+    values = [found] if isinstance(found, str) else [str(v) for v in found]
+    return any(v.startswith("medsr ") for v in values)
 
 
 def derived_files(folder: Path) -> list[Path]:

@@ -175,6 +175,13 @@ class Manifest:
         self.db.execute("UPDATE items SET stored = ?, stored_series = ? WHERE id = ?",
                         (now(), json.dumps(series_uids), item_id))
 
+    def stored_series(self) -> set[str]:
+        """Every SeriesInstanceUID this archive stored back: its own results, never items of a later listing."""
+        found: set[str] = set()
+        for (value,) in self.db.execute("SELECT stored_series FROM items WHERE stored_series IS NOT NULL"):
+            found.update(json.loads(value))
+        return found
+
     def set_transfer(self, item_id: str, seconds: float | None) -> None:
         self.db.execute("UPDATE items SET transfer_s = ? WHERE id = ?", (seconds, item_id))
 

@@ -294,7 +294,8 @@ def _pacs_session(work: Path) -> None:
         for n in (2, 3):
             if n == 3:  # as if killed between the STOW and the manifest update: the PACS must be asked first
                 with sqlite3.connect(dst / "manifest.sqlite") as db:
-                    db.execute("UPDATE items SET stored = NULL WHERE state = 'done' AND id != ?", (held,))
+                    db.execute("UPDATE items SET stored = NULL, stored_series = NULL WHERE state = 'done' AND id != ?",
+                               (held,))
             run = subprocess.run([sys.executable, "-m", "medsr", *args], env=env, cwd=REPO, capture_output=True,
                                  text=True, timeout=300)
             runs.append({"code": run.returncode, "output": run.stdout + run.stderr, "rows": rows(dst)})
@@ -375,10 +376,15 @@ def test_pacs_archive_killed_restarted_stores_each_object_once(pacs_run: dict[st
     log_text = (dst / "archive.log").read_text()
     sent = {int(n) for n in re.findall(r"store-back \S+: (\d+) object\(s\) sent, 0 already", log_text)}
     assert len(re.findall(r"store-back \S+: \d+ object\(s\) sent, 0 already", log_text)) == 3  # once per item
-    # run 3: the manifest forgot two store-backs; the PACS is asked and nothing is sent again
-    assert run3["code"] == 0
+    # run 3: the manifest forgot two store-backs; the PACS is asked and nothing is sent again, and the two
+    # derived CT series now listed (no longer known as ours) are recognised as medsr's after download and skipped
+    assert run3["code"] == 0, run3["output"]
     rechecked = re.findall(r"store-back \S+: 0 object\(s\) sent, (\d+) already in the PACS", log_text)
     assert len(rechecked) == 2 and {int(n) for n in rechecked} <= sent
+    extra = {k: r for k, r in run3["rows"].items() if k not in final}
+    assert len(extra) == 2 and {r["category"] for r in extra.values()} == {"medsr output"}
+    assert {r["series_uid"] for r in extra.values()} <= {u for r in final.values() for u in json.loads(
+        r["stored_series"])}
     # the PACS holds the sources and, for every item, exactly the derived objects on disk
     pacs = pacs_run["pacs"]
     assert len(pacs) == 4 + 2 * 3
