@@ -21,8 +21,6 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 from medsr.errors import MedsrError
-from medsr.model import load_model
-from medsr.runtime import resolve_device
 from pipelines.worker import _STATE, WorkerSettings, init_worker
 
 __all__ = ["DaskExecutor", "run_on_worker"]
@@ -33,9 +31,8 @@ log = logging.getLogger("pipelines.archive")
 def run_on_worker(fn: Callable[[dict[str, Any]], dict[str, Any]], settings: WorkerSettings,
                   task: dict[str, Any]) -> dict[str, Any]:
     """Runs on a dask worker: load the model the first time (or when the settings change), then ``fn(task)``."""
-    if _STATE.get("settings") != settings:
-        # no parent-death signal here (init_worker sets one for pool workers): the nanny supervises dask workers
-        init_worker(settings, load_model(settings.model_path, device=resolve_device(settings.options.device)))
+    if _STATE.get("settings") != settings:  # also ties this worker process's life to its parent's (the nanny)
+        init_worker(settings)
     return fn(task)
 
 
@@ -61,8 +58,7 @@ class DaskExecutor(Executor):
             if scheduler:
                 self.client = Client(scheduler, timeout="60s")
             else:
-                with dask.config.set({"distributed.scheduler.allowed-failures": 0,
-                                      "distributed.worker.daemon": False}):
+                with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
                     self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                 host="127.0.0.1", dashboard_address=None,
                                                 silence_logs=logging.ERROR)
