@@ -241,8 +241,9 @@ def evaluate(
 
 @app.command()
 def archive(
-    src: Path = typer.Argument(..., help="archive folder: every NIfTI file and DICOM series under it is enhanced"),
-    out: Path = typer.Option(..., "--out", help="output folder: mirrors SRC; holds manifest.sqlite and logs"),
+    src: str = typer.Argument(..., help="archive folder (every NIfTI file and DICOM series under it is enhanced), "
+                                        "or a PACS: dicomweb+http://HOST:PORT/PATH (every listed series)"),
+    out: Path = typer.Option(..., "--out", help="output folder: mirrors SRC; holds manifest.sqlite, index.html, logs"),
     model: str | None = typer.Option(None, help=_MODEL_HELP),
     samples: int | None = typer.Option(None, help=f"diffusion samples per item (default {_SAMPLING.samples})"),
     steps: int | None = typer.Option(None, help=f"DDIM steps per sample (default {_SAMPLING.steps})"),
@@ -252,16 +253,32 @@ def archive(
     device: str | None = typer.Option(None, help="auto (GPU LOCAL_RANK under torchrun), cpu, cuda or cuda:N"),
     fmt: str | None = typer.Option(None, "--format", help="auto (both for DICOM input), nifti, dicom or both"),
     retry_failed: bool | None = typer.Option(None, "--retry-failed", help="queue failed items again"),
+    engine: str | None = typer.Option(None, help="local (worker processes) or dask (dask.distributed cluster)"),
+    scheduler: str | None = typer.Option(None, help="dask scheduler tcp://HOST:PORT (default: a local cluster "
+                                                    "of --workers processes)"),
+    store_back: bool | None = typer.Option(None, "--store-back", help="PACS source: send the enhanced series and "
+                                                                      "the uncertainty map back with STOW-RS"),
+    credentials: Path | None = typer.Option(None, "--credentials", help="PACS: JSON file with user and password, "
+                                            "or token (default: MEDSR_DICOMWEB_* environment variables)"),
+    modality: str | None = typer.Option(None, help="PACS: only series of this modality (e.g. CT)"),
+    study_date: str | None = typer.Option(None, help="PACS: only studies of this date, YYYYMMDD or a range "
+                                                     "YYYYMMDD-YYYYMMDD"),
+    series_description: str | None = typer.Option(None, help="PACS: only series whose description matches "
+                                                             "(DICOM wildcards * and ?)"),
     config: Path | None = typer.Option(None, help="YAML of ArchiveOptions fields (pipelines/archive.py); flags win"),
 ) -> None:
-    """Enhance a whole archive, resumably: medsr archive SRC --out DST. Shards across torchrun ranks."""
+    """Enhance a whole archive, resumably: medsr archive SRC --out DST. Shards across torchrun ranks or a dask
+    cluster; a PACS can be the source and, with --store-back, the destination."""
     from medsr.runtime import resolve_model
     from pipelines.archive import format_summary, load_archive_options, run_archive
 
     try:
         opts = load_archive_options(config, model=model, samples=samples,
                                     steps=steps, workers=workers, threads=threads, seed=seed, device=device,
-                                    format=fmt, retry_failed=retry_failed)
+                                    format=fmt, retry_failed=retry_failed, engine=engine, scheduler=scheduler,
+                                    store_back=store_back,
+                                    credentials=None if credentials is None else str(credentials),
+                                    modality=modality, study_date=study_date, series_description=series_description)
         opts.model = str(resolve_model(opts.model))
         summary = run_archive(src, out, opts)
     except MedsrError as exc:

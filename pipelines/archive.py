@@ -6,8 +6,10 @@ writes, in a folder of DST that mirrors its place under SRC. DST also holds::
     manifest.sqlite           one row per item: state, reason, timings, score (pipelines.manifest)
     archive.log               what happened, item by item (archive-rank<R>.log under torchrun)
     summary.json              counts, reasons, score distribution, items to review first
+    index.html                the review worklist (pipelines.worklist), rebuilt as items finish
     .medsr-archive/staging/   work in progress, one folder per item, removed when the item is published
     .medsr-archive/locks/     advisory locks: one discovery at a time, one process per shard
+    .medsr-archive/cache/     DICOMweb sources only: series being enhanced, removed when the item has an outcome
 
 Resumable by construction. An item is written into its private staging folder and *renamed* into the mirrored
 tree only when complete (``report.json``, written last by ``write_outputs``, is inside before the rename), so a
@@ -19,9 +21,15 @@ recorded as done without redoing it; a ``running`` row with no output goes back 
 ``done`` row whose output vanished is redone; staging leftovers are deleted. Done and skipped items are never
 redone; failed ones only with ``retry_failed``. Inputs are only ever opened for reading.
 
-Scales out two ways: ``workers`` CPU processes (spawn; each loads the model once, torch threads =
-cores // workers), and ``torchrun`` ranks (``RANK``/``WORLD_SIZE``): rank r takes the items whose sha1 key
-modulo the world size is r, on GPU ``LOCAL_RANK``; ranks share the WAL-mode manifest.
+Scales out three ways: ``workers`` CPU processes (spawn; each loads the model once, torch threads =
+cores // workers); ``engine="dask"``, a dask.distributed cluster (:mod:`pipelines.dask_engine`; this process
+keeps the manifest, workers enhance and publish); and ``torchrun`` ranks (``RANK``/``WORLD_SIZE``): rank r takes
+the items whose sha1 key modulo the world size is r, on GPU ``LOCAL_RANK``; ranks share the WAL-mode manifest.
+
+The source may also be a PACS, ``dicomweb+http://HOST:PORT/PATH`` (:mod:`pipelines.dicomweb`): its series are
+listed with QIDO-RS, fetched with WADO-RS into the cache and enhanced exactly like folder items; with
+``store_back`` the derived series and Parametric Map of every done item are sent back with STOW-RS, after asking
+the PACS which of them it already holds, and the manifest records it (``stored``).
 """
 
 from __future__ import annotations
@@ -52,9 +60,11 @@ from medsr.errors import MedsrError
 from medsr.io import atomic_path
 from medsr.model import LoadedModel, load_model
 from medsr.runtime import resolve_device
+from pipelines import dicomweb
 from pipelines.discover import discover
 from pipelines.manifest import INPUT_CHANGED, Manifest, now, shard_of
 from pipelines.worker import WorkerSettings, init_worker, process
+from pipelines.worklist import write_worklist
 
 __all__ = ["ArchiveOptions", "load_archive_options", "run_archive", "summarise", "format_summary"]
 
@@ -79,6 +89,12 @@ class ArchiveOptions:
         retry_failed: put failed items back in the queue.
         review_top: how many items the summary lists to review first.
         progress: show a progress bar.
+        engine: "local" (``workers`` processes on this machine) or "dask" (dask.distributed).
+        scheduler: dask scheduler address (``tcp://HOST:PORT``); "" starts a local cluster of ``workers``.
+        store_back: DICOMweb sources: send the derived series and Parametric Map back to the PACS.
+        credentials: DICOMweb: a JSON file with user/password or token ("" = the environment).
+        modality, study_date, series_description: DICOMweb: QIDO-RS filters ("" = all).
+        worklist_every_s: rebuild index.html at most this often while items finish (and always at the end).
     """
 
     model: str = ""
@@ -95,12 +111,28 @@ class ArchiveOptions:
     retry_failed: bool = False
     review_top: int = 10
     progress: bool = True
+    engine: str = "local"
+    scheduler: str = ""
+    store_back: bool = False
+    credentials: str = ""
+    modality: str = ""
+    study_date: str = ""
+    series_description: str = ""
+    worklist_every_s: float = 5.0
 
     def __post_init__(self) -> None:
         """Ranges and choices (types are checked by :func:`load_archive_options`): a bad value stops the run
         before anything is written, instead of failing every item."""
         if self.format not in ("auto", "nifti", "dicom", "both"):
             raise MedsrError(f"archive format must be auto, nifti, dicom or both, got {self.format!r}")
+        if self.engine not in ("local", "dask"):
+            raise MedsrError(f"archive engine must be local or dask, got {self.engine!r}")
+        if self.scheduler and self.engine != "dask":
+            raise MedsrError("archive: a scheduler address needs engine dask (--engine dask)")
+        if self.scheduler and not self.scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+            raise MedsrError(f"archive scheduler must be an address like tcp://HOST:PORT, got {self.scheduler!r}")
+        if self.store_back and self.format == "nifti":
+            raise MedsrError("archive: store_back sends DICOM results; it cannot be used with format nifti")
         for name, low in (("samples", 1), ("steps", 1), ("workers", 1), ("max_attempts", 1), ("min_size", 1),
                           ("threads", 0), ("review_top", 0)):
             value = getattr(self, name)
@@ -164,20 +196,44 @@ def _device(name: str) -> str:
     return str(resolve_device(name)) if name != "auto" else "cpu"
 
 
-def _discover(manifest: Manifest, src: Path, dst: Path) -> None:
+@dataclass
+class _Source:
+    """Where the items come from: a folder (``path``) or a DICOMweb service (``url`` and a client for it)."""
+
+    path: Path | None = None
+    url: str = ""
+    client: Any = None
+    credentials: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.url or str(self.path)
+
+
+def _discover(manifest: Manifest, src: _Source, dst: Path, opt: ArchiveOptions) -> None:
     """Add what SRC holds to the manifest. Under one torchrun launch only the first rank walks the tree."""
     token = os.environ.get("TORCHELASTIC_RUN_ID", "")
     with _lock(dst / _INTERNAL / "locks" / "discover.lock", wait_for_it=True):
         if token not in ("", "none") and manifest.get_meta("discovery_token") == token:
             return
         t0 = time.perf_counter()
-        items = discover(src, exclude=(dst,))
+        if src.path is not None:
+            items = discover(src.path, exclude=(dst,))
+            prints = {it.id: _fingerprint(src.path, it.sources) for it in items}
+        else:
+            items, studies, prints = dicomweb.list_series(src.client, opt.modality, opt.study_date,
+                                                          opt.series_description)
+            ours = manifest.stored_series()  # results this archive stored back are not items to enhance
+            items = [it for it in items if it.series_uid not in ours]
         new = manifest.add_items(items)
-        for item_id in manifest.update_fingerprints({it.id: _fingerprint(src, it.sources) for it in items}):
+        if src.path is None:
+            manifest.set_studies(studies)
+        for item_id in manifest.update_fingerprints(prints):
             log.info("discovery: the input of %s changed since the last run; redoing it", item_id)
         manifest.set_meta("discovery_token", token)
         manifest.set_meta("discovered", now())
-        log.info("discovery: %d items under the archive (%d new) in %.1f s", len(items), new, time.perf_counter() - t0)
+        log.info("discovery: %d items %s (%d new) in %.1f s", len(items),
+                 "under the archive" if src.path is not None else "listed by the PACS", new, time.perf_counter() - t0)
 
 
 def _fingerprint(src: Path, sources: list[str]) -> str:
@@ -229,6 +285,14 @@ def _reconcile(manifest: Manifest, dst: Path, rank: int, world: int, opt: Archiv
     for leftover in staging.iterdir() if staging.is_dir() else []:
         if re.fullmatch(r"[0-9a-f]{16}", leftover.name) and shard_of(leftover.name, world) == rank:
             shutil.rmtree(leftover, ignore_errors=True)
+    # DICOMweb cache: partial downloads always go; a complete copy stays only for an item still to be done
+    waiting = {r["key"] for r in manifest.rows("pending")}
+    cache = dst / _INTERNAL / "cache"
+    for leftover in cache.iterdir() if cache.is_dir() else []:
+        key = leftover.name.split(".")[0]
+        if re.fullmatch(r"[0-9a-f]{16}", key) and shard_of(key, world) == rank and (
+                "." in leftover.name or key not in waiting):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 class _Inline(Executor):
@@ -240,14 +304,27 @@ class _Inline(Executor):
         return fut
 
 
-def _task(row: Any, src: Path, dst: Path) -> dict[str, Any]:
-    return {"id": row["id"], "kind": row["kind"], "root": str(src), "sources": json.loads(row["sources"]),
+def _task(row: Any, src: _Source, dst: Path) -> dict[str, Any]:
+    task = {"id": row["id"], "kind": row["kind"], "root": str(src.path), "sources": json.loads(row["sources"]),
             "series_uid": row["series_uid"], "out_dir": str(dst / row["out_dir"]),
             "label": f"series {row['series_uid']}" if row["series_uid"] else row["id"],
             "staging": str(dst / _INTERNAL / "staging" / row["key"])}
+    if src.path is None:  # the worker fetches the series itself (credentials from its own environment)
+        task["remote"] = {"url": src.url, "credentials": src.credentials, "study": row["study_uid"],
+                          "series": row["series_uid"], "cache": str(dst / _INTERNAL / "cache" / row["key"])}
+    return task
+
+
+def _runner(task: dict[str, Any]) -> Any:
+    """What runs one task: looked up at call time, so ``process`` can be wrapped (tests hold an item with it)."""
+    return dicomweb.process_remote if "remote" in task else process
 
 
 def _executor(opt: ArchiveOptions, settings: WorkerSettings, model: LoadedModel | None) -> Executor:
+    if opt.engine == "dask":
+        from pipelines.dask_engine import DaskExecutor
+
+        return DaskExecutor(settings, opt.workers, opt.scheduler)
     if opt.workers <= 1:
         init_worker(settings, model)
         return _Inline()
@@ -255,7 +332,7 @@ def _executor(opt: ArchiveOptions, settings: WorkerSettings, model: LoadedModel 
                                initargs=(settings,))
 
 
-def _work(manifest: Manifest, src: Path, dst: Path, rank: int, world: int, opt: ArchiveOptions,
+def _work(manifest: Manifest, src: _Source, dst: Path, rank: int, world: int, opt: ArchiveOptions,
           settings: WorkerSettings, model: LoadedModel | None) -> dict[str, Any]:
     """Claim and enhance this shard's pending items; returns what this run did."""
     mine = [r for r in manifest.rows() if shard_of(r["key"], world) == rank]
@@ -269,23 +346,26 @@ def _work(manifest: Manifest, src: Path, dst: Path, rank: int, world: int, opt: 
     bar = tqdm(total=len(mine), initial=sum(counts[s] for s in _FINAL), unit="item", dynamic_ncols=True,
                desc=f"archive rank {rank}/{world}" if world > 1 else "archive", disable=not opt.progress)
 
-    def show() -> None:
+    def show() -> None:  # done / failed / left here; tqdm adds the rate and the ETA over all workers
         bar.set_postfix(done=counts["done"], failed=counts["failed"], skipped=counts["skipped"],
                         left=counts["pending"] + counts["running"], refresh=False)
 
     show()
-    executor = _executor(opt, settings, model)
+    executor = _executor(opt, settings, model) if queue else _Inline()
+    worklist = _Throttled(lambda: write_worklist(manifest, dst), opt.worklist_every_s)
     in_flight: dict[Future[Any], Any] = {}
     current = None  # claimed, not yet handed over (the inline executor works inside submit)
     try:
         while queue or in_flight:
-            while queue and len(in_flight) < opt.workers:
+            slots = getattr(executor, "slots", opt.workers)
+            while queue and len(in_flight) < slots:
                 current = manifest.claim(queue.popleft(), owner)
                 if current is None:  # someone else took it
                     continue
                 counts["pending"] -= 1
                 counts["running"] += 1
-                in_flight[executor.submit(process, _task(current, src, dst))] = current
+                task = _task(current, src, dst)
+                in_flight[executor.submit(_runner(task), task)] = current
                 current = None
             if not in_flight:
                 break
@@ -297,7 +377,7 @@ def _work(manifest: Manifest, src: Path, dst: Path, rank: int, world: int, opt: 
                 try:
                     res = fut.result()
                 except Exception as exc:  # the worker process died (killed, out of memory, segfault)
-                    broken = True
+                    broken = isinstance(executor, ProcessPoolExecutor)
                     if row["attempts"] < opt.max_attempts:
                         manifest.set_state(row["id"], "pending")
                         queue.append(row["id"])
@@ -309,11 +389,16 @@ def _work(manifest: Manifest, src: Path, dst: Path, rank: int, world: int, opt: 
                 worker = f"{owner}/worker{res['pid']}" if res.get("pid", os.getpid()) != os.getpid() else None
                 manifest.finish(row["id"], res["state"], category=res["category"], reason=res["reason"],
                                 seconds=res["seconds"], score=res["score"], owner=worker)
+                if "transfer_s" in res:
+                    manifest.set_transfer(row["id"], res["transfer_s"])
                 counts[res["state"]] += 1
                 ran[res["state"]] += 1
                 _log_item(row, res)
+                if res["state"] == "done" and opt.store_back:
+                    _store(manifest, src, dst, manifest.get(row["id"]))
                 show()
                 bar.update(1)
+                worklist()
             if broken:  # every task left in a broken pool fails the same way; start a fresh pool
                 executor.shutdown(wait=False, cancel_futures=True)
                 executor = _executor(opt, settings, model)
@@ -326,6 +411,38 @@ def _work(manifest: Manifest, src: Path, dst: Path, rank: int, world: int, opt: 
         bar.close()
     return {"processed": sum(ran.values()), **{s: ran[s] for s in _FINAL},
             "seconds": round(time.perf_counter() - t0, 3), "rank": rank, "world": world}
+
+
+class _Throttled:
+    """Call ``fn`` at most once every ``every_s`` seconds (the worklist is rebuilt from the whole manifest)."""
+
+    def __init__(self, fn: Any, every_s: float) -> None:
+        self.fn, self.every_s, self.last = fn, every_s, float("-inf")
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self.fn()
+            self.last = time.monotonic()
+
+
+def _store(manifest: Manifest, src: _Source, dst: Path, row: Any) -> None:
+    """Store one done item's derived objects back in the PACS (what it lacks only); a failure is logged and
+    the item stays unstored, to be tried again by the next run."""
+    label = row["out_dir"] or row["id"]
+    try:
+        sent, held, series = dicomweb.store_back(src.client, dst / row["out_dir"])
+    except MedsrError as exc:
+        log.warning("store-back of %s failed (tried again next run): %s", label, exc)
+        return
+    manifest.set_stored(row["id"], series)
+    log.info("store-back %s: %d object(s) sent, %d already in the PACS", label, sent, held)
+
+
+def _store_leftovers(manifest: Manifest, src: _Source, dst: Path, rank: int, world: int) -> None:
+    """Done items of this shard not yet recorded as stored (an earlier run was killed or the PACS was down)."""
+    for row in manifest.rows("done"):
+        if shard_of(row["key"], world) == rank and not row["stored"] and row["out_dir"]:
+            _store(manifest, src, dst, row)
 
 
 def _log_item(row: Any, res: dict[str, Any]) -> None:
@@ -379,13 +496,20 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _paths(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> tuple[Path, Path]:
-    src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
+def _source(src: str | os.PathLike[str], dst: str | os.PathLike[str], opt: ArchiveOptions) -> tuple[_Source, Path]:
+    dst_p = Path(dst).resolve()
+    if dicomweb.is_dicomweb(src):
+        url = dicomweb.parse_source(str(src))
+        return _Source(url=url, client=dicomweb.connect(url, opt.credentials or None),
+                       credentials=opt.credentials), dst_p
+    if opt.store_back:
+        raise MedsrError("archive: --store-back needs a DICOMweb source (dicomweb+http://HOST:PORT/PATH)")
+    src_p = Path(src).resolve()
     if not src_p.is_dir():
         raise MedsrError(f"{src}: not a folder")
     if src_p == dst_p or dst_p in src_p.parents:  # an output root inside the archive is fine (left out)
         raise MedsrError(f"{dst}: the output folder must not be the archive or contain it")
-    return src_p, dst_p
+    return _Source(path=src_p), dst_p
 
 
 def run_archive(src: str | os.PathLike[str], dst: str | os.PathLike[str], options: ArchiveOptions | None = None,
@@ -393,7 +517,7 @@ def run_archive(src: str | os.PathLike[str], dst: str | os.PathLike[str], option
     """Enhance every NIfTI file and DICOM series under ``src`` into ``dst``; see the module docstring.
 
     Args:
-        src: the archive (read only).
+        src: the archive (read only): a folder, or ``dicomweb+http(s)://HOST:PORT/PATH`` for a PACS.
         dst: the output root; created if missing. An output root inside ``src`` is left out of discovery.
         options: see :class:`ArchiveOptions`.
         rank, world: this process's shard; default from ``RANK``/``WORLD_SIZE`` (torchrun), else 0 of 1.
@@ -403,7 +527,7 @@ def run_archive(src: str | os.PathLike[str], dst: str | os.PathLike[str], option
     """
     opt = options or ArchiveOptions()
     _check(opt)
-    src_p, dst_p = _paths(src, dst)
+    source, dst_p = _source(src, dst, opt)
     rank, world = _rank_world(rank, world)
     device = _device(opt.device)
     model = load_model(opt.model, device=device)  # a bad checkpoint fails before anything is written
@@ -411,7 +535,8 @@ def run_archive(src: str | os.PathLike[str], dst: str | os.PathLike[str], option
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # pool workers: cores // workers each; the main process (workers = 1) only when asked for, restored after
-    threads = (opt.threads or max(1, cores // (opt.workers * local))) if opt.workers > 1 else opt.threads
+    pooled = opt.workers > 1 or opt.engine == "dask"
+    threads = (opt.threads or max(1, cores // (opt.workers * local))) if pooled else opt.threads
     settings = WorkerSettings(opt.model, sampling, opt.format, opt.min_size, threads)
     (dst_p / _INTERNAL / "staging").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(dst_p / ("archive.log" if world == 1 else f"archive-rank{rank}.log"))
@@ -423,18 +548,23 @@ def run_archive(src: str | os.PathLike[str], dst: str | os.PathLike[str], option
     try:
         known = manifest.get_meta("source")
         if known is None:
-            manifest.set_meta("source", str(src_p))
-        elif known != str(src_p):
+            manifest.set_meta("source", source.label)
+        elif known != source.label:
             raise MedsrError(f"{dst}: holds the outputs of another archive ({known}); choose another --out")
-        log.info("start: model %s (step %d), %d sample(s) x %d step(s), device %s, %d worker(s), shard %d of %d",
-                 Path(opt.model).name, model.step, opt.samples, opt.steps, device, opt.workers, rank, world)
-        _discover(manifest, src_p, dst_p)
+        log.info("start: model %s (step %d), %d sample(s) x %d step(s), device %s, %s engine, %d worker(s), "
+                 "shard %d of %d", Path(opt.model).name, model.step, opt.samples, opt.steps, device, opt.engine,
+                 opt.workers, rank, world)
+        _discover(manifest, source, dst_p, opt)
         with _lock(dst_p / _INTERNAL / "locks" / f"shard-{rank}-of-{world}.lock", wait_for_it=False):
             _reconcile(manifest, dst_p, rank, world, opt)
-            run = _work(manifest, src_p, dst_p, rank, world, opt, settings, model if opt.workers <= 1 else None)
+            if opt.store_back:
+                _store_leftovers(manifest, source, dst_p, rank, world)
+            run = _work(manifest, source, dst_p, rank, world, opt, settings,
+                        model if opt.workers <= 1 else None)
         summary = summarise(manifest, opt.review_top, run)
         with atomic_path(dst_p / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
+        write_worklist(manifest, dst_p)
         log.info("finished: %s", json.dumps({k: summary[k] for k in ("counts", "reasons", "score")}))
         return summary
     finally:

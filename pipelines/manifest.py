@@ -31,7 +31,7 @@ INPUT_CHANGED = "input changed since the last run; redone"  # reason of an item 
 
 def reserved(name: str) -> bool:
     """Top-level names of the output root that hold the archive's own files, never an item's folder."""
-    return name.startswith("manifest.sqlite") or name == "summary.json" or (
+    return name.startswith("manifest.sqlite") or name in ("summary.json", "index.html") or (
         name.startswith("archive") and name.endswith(".log"))
 
 _SCHEMA = ["""
@@ -54,6 +54,16 @@ CREATE TABLE IF NOT EXISTS items (
     discovered TEXT NOT NULL
 )""", "CREATE INDEX IF NOT EXISTS items_state ON items(state)",
            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"]
+
+
+# Columns added after the first release, in order; a manifest that lacks one gets it when opened.
+_ADDED_COLUMNS = [
+    ("fingerprint", "TEXT"),            # input sizes and times (folder) or instance count (DICOMweb)
+    ("study_uid", "TEXT"),              # DICOMweb items: the remote StudyInstanceUID (series_uid holds the series)
+    ("stored", "TEXT"),                 # DICOMweb --store-back: when the PACS was seen to hold every derived object
+    ("stored_series", "TEXT"),          # JSON list of the derived SeriesInstanceUIDs stored back
+    ("transfer_s", "REAL"),             # DICOMweb: seconds spent downloading the series (0: cached copy reused)
+]
 
 
 def now() -> str:
@@ -80,8 +90,9 @@ class Manifest:
             for statement in _SCHEMA:
                 self.db.execute(statement)
             columns = {r[1] for r in self.db.execute("PRAGMA table_info(items)")}
-            if "fingerprint" not in columns:  # manifests written before inputs were fingerprinted
-                self.db.execute("ALTER TABLE items ADD COLUMN fingerprint TEXT")
+            for name, kind in _ADDED_COLUMNS:  # manifests written by older versions gain the newer columns
+                if name not in columns:
+                    self.db.execute(f"ALTER TABLE items ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -154,6 +165,26 @@ class Manifest:
                     db.execute("UPDATE items SET fingerprint = ? WHERE id = ?", (new, row["id"]))
         return again
 
+    def set_studies(self, studies: dict[str, str]) -> None:
+        """Record the remote StudyInstanceUID of DICOMweb items (needed to retrieve and to store back)."""
+        with self.transaction() as db:
+            db.executemany("UPDATE items SET study_uid = ? WHERE id = ?", [(v, k) for k, v in studies.items()])
+
+    def set_stored(self, item_id: str, series_uids: list[str]) -> None:
+        """The PACS holds every derived object of this item (checked, or sent just now)."""
+        self.db.execute("UPDATE items SET stored = ?, stored_series = ? WHERE id = ?",
+                        (now(), json.dumps(series_uids), item_id))
+
+    def stored_series(self) -> set[str]:
+        """Every SeriesInstanceUID this archive stored back: its own results, never items of a later listing."""
+        found: set[str] = set()
+        for (value,) in self.db.execute("SELECT stored_series FROM items WHERE stored_series IS NOT NULL"):
+            found.update(json.loads(value))
+        return found
+
+    def set_transfer(self, item_id: str, seconds: float | None) -> None:
+        self.db.execute("UPDATE items SET transfer_s = ? WHERE id = ?", (seconds, item_id))
+
     # --- queries ------------------------------------------------------------------------------------------
     def rows(self, state: str | None = None) -> list[sqlite3.Row]:
         if state is None:
@@ -168,7 +199,8 @@ class Manifest:
     def claim(self, item_id: str, owner: str) -> sqlite3.Row | None:
         """Atomically move a pending item to running; None if another process got it first."""
         cur = self.db.execute(
-            "UPDATE items SET state = 'running', owner = ?, started = ?, finished = NULL, attempts = attempts + 1 "
+            "UPDATE items SET state = 'running', owner = ?, started = ?, finished = NULL, attempts = attempts + 1, "
+            "stored = NULL, stored_series = NULL "  # a redone item has new derived objects to store
             "WHERE id = ? AND state = 'pending'", (owner, now(), item_id))
         return self.get(item_id) if cur.rowcount == 1 else None
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: Debian packages the tests use where apt is available (dcm2niix, the InVesalius head
-# CT, dicom3tools' validators, dcmtk, the Orthanc PACS with its DICOMweb plugin), then a venv with the local
+# CT, dicom3tools' validators, dcmtk, the Orthanc PACS with its DICOMweb plugin; chromium, on its own so a
+# failure there costs nothing else, for the archive's review page in a headless browser), then a venv with the local
 # CPU build of PyTorch first (any looser torch spec can pull a several-GB CUDA build), then medsr with its test
 # extra. Idempotent: re-running only checks. A failed apt step is reported and setup goes on (those tests skip).
 set -euo pipefail
@@ -21,6 +22,12 @@ if command -v apt-get >/dev/null && missing; then
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $DEBS >/dev/null; } \
     || echo "setup: apt install of $DEBS failed; the tests needing them will be skipped" >&2
   if [ -n "$ADDED_POLICY" ]; then $SUDO rm -f "$POLICY"; fi
+fi
+if command -v apt-get >/dev/null && ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "ok installed"; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; }; } \
+    || echo "setup: apt install of chromium failed; the review page's browser test will be skipped" >&2
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

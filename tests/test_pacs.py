@@ -20,63 +20,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
+from pacs_fixtures import run_in_namespace, start_orthanc, stop_orthanc, why_not
 
-ORTHANC = shutil.which("Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 SESSION_TIMEOUT_S = 180
 
 
-def _why_not() -> str:
-    """Why the PACS exchange cannot run here ("" when it can)."""
-    if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
-        return "Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)"
-    for module in ("pynetdicom", "dicomweb_client"):
-        try:
-            __import__(module)
-        except ImportError:
-            return f"{module} is not installed (pip install -e '.[test]')"
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "unshare/ip missing: Orthanc 1.10 cannot be held to 127.0.0.1 without a private network namespace"
-    probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=30)
-    if probe.returncode != 0:
-        return ("no private network namespace allowed here (unshare -rn failed); Orthanc 1.10 cannot be held "
-                "to 127.0.0.1 otherwise")
-    return ""
-
-
 # --- the exchange, run as a child process inside a private network namespace --------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"Orthanc did not answer in 60 s: {log.read_text()[-2000:]}")
-
 
 def _c_store(files: list[Path], port: int, aet: str) -> list[int]:
     from pynetdicom import AE
@@ -129,30 +86,12 @@ def _round(mode: str, files: list[Path], http: str, port: int, aet: str, out: Pa
 
 def _session(files: list[Path], work: Path) -> None:
     """Start Orthanc in ``work`` on free 127.0.0.1 ports, run both rounds, write ``work/result.json``; stop it."""
-    http_port, dicom_port, aet = _free_port(), _free_port(), "MEDSRPACS"
-    (work / "db").mkdir()
-    config = {"Name": "medsr-test", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
-              "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": aet, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": False,
-              "DicomModalities": {}, "OrthancPeers": {}, "Plugins": [str(DICOMWEB_PLUGIN)],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
-              "SaveJobs": False, "StableAge": 1, "HttpTimeout": 20}
-    (work / "orthanc.json").write_text(json.dumps(config))
-    log = work / "orthanc.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen([str(ORTHANC), str(work / "orthanc.json")], stdout=sink, stderr=subprocess.STDOUT)
+    proc, http, dicom_port, aet = start_orthanc(work)
     try:
-        http = f"http://127.0.0.1:{http_port}"
-        _wait_http(f"{http}/system", proc, log)
         result = {"pid": proc.pid, "rounds": {mode: _round(mode, files, http, dicom_port, aet, work / mode)
                                               for mode in ("c-store", "stow-rs")}}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_orthanc(proc)
     result["exit_code"] = proc.returncode
     (work / "result.json").write_text(json.dumps(result))
 
@@ -181,25 +120,15 @@ def enhanced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def exchange(enhanced: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    why = _why_not()
+    why = why_not()
     if why:
         pytest.skip(why)
     source, folder = enhanced
     files = [source, *sorted((folder / "dicom_mean").glob("*.dcm")), *sorted((folder / "dicom_std").glob("*.dcm"))]
     work = tmp_path_factory.mktemp("pacs")
     (work / "files.json").write_text(json.dumps([str(f) for f in files]))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen(["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable,
-                              __file__, "--session", str(work)], env=env, start_new_session=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = child.communicate(timeout=SESSION_TIMEOUT_S)
-    finally:
-        if child.poll() is None:  # timed out: end the child's own process group (the session and its Orthanc)
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-    assert child.returncode == 0, output.decode(errors="replace")[-4000:]
+    code, output = run_in_namespace([__file__, "--session", str(work)], SESSION_TIMEOUT_S)
+    assert code == 0, output[-4000:]
     result = json.loads((work / "result.json").read_text())
     return {**result, "work": work, "files": files, "source": source, "folder": folder}
 
