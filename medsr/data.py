@@ -171,6 +171,9 @@ class PatchDataset(Dataset):
                 transform.set_random_state(state=self._augment_state)
         self.noise: list[np.ndarray] | None = None
         if lowdose_cache is not None and spec.kind == "lowdose" and spec.dose < 1.0:
+            if len(self.slice_axes) > 1:  # the cached noise is simulated in the planes across slice_axis only
+                raise MedsrError(f"low-dose noise cache is made across slice_axis {self.slice_axis}; it cannot serve "
+                                 f"patches cut across several axes {self.slice_axes} (use one slice axis)")
             self.noise = noise_volumes(self.volumes, spec, self.slice_axis, Path(lowdose_cache), seed=self.seed,
                                        patches=self.length)
 

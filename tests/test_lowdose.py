@@ -14,7 +14,7 @@ from enhance_fixtures import DICOM_REF, ct_small, tiny_config, write_tiny_checkp
 from typer.testing import CliRunner
 
 import medsr.cli
-from medsr.data import PatchDataset, load_volumes
+from medsr.data import PatchDataset, Volume, load_volumes
 from medsr.degrade import (
     LowDoseModel,
     apply_degradation,
@@ -26,6 +26,7 @@ from medsr.degrade import (
     radon_parallel,
     simulate_low_dose,
 )
+from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig
 from medsr.io import load_scan
 from medsr.io.refs import load_ref
@@ -250,3 +251,11 @@ def test_enhance_with_a_lowdose_checkpoint_keeps_the_grid(tmp_path: Path) -> Non
     # an untrained denoiser stays close to the input: same anatomy, HU scale kept
     corr = np.corrcoef(mean.array.ravel(), src.array.ravel())[0, 1]
     assert corr > 0.9, corr
+
+
+def test_noise_cache_refuses_patches_cut_across_several_axes(tmp_path: Path) -> None:
+    """The cache holds noise simulated in the planes across one axis: other planes would get misplaced streaks."""
+    vol = Volume("v", np.zeros((8, 8, 8), np.float32), np.zeros((0, 3), np.int32))
+    with pytest.raises(MedsrError, match="several axes"):
+        PatchDataset([vol], parse_spec("lowdose:1x1,dose=0.25"), (8, 8), 4, slice_axes=(0, 1, 2),
+                     lowdose_cache=tmp_path / "cache")
