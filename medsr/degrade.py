@@ -16,6 +16,7 @@ A spec string names a degradation everywhere (configs, ``medsr evaluate --degrad
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -88,6 +89,14 @@ class DegradeSpec:
     def has_projection(self) -> bool:
         """Whether an exact data-consistency projection exists (noise-free linear operator; never for lowdose)."""
         return self.kind == "block" and self.sigma == 0.0 or self.kind == "kspace" and self.noise == 0.0
+
+    @property
+    def white_noise_gain(self) -> float | None:
+        """By how much white noise's std at the fine grid exceeds its std after A: ``sqrt(prod(factors))`` for
+        a plain block average or k-space truncation; None where the input's noise says nothing simple about the
+        truth's (blur, added noise, low dose)."""
+        plain = self.kind == "block" and self.sigma == 0.0 or self.kind == "kspace" and self.noise == 0.0
+        return math.sqrt(math.prod(self.factors)) if plain else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The noise-free forward operator A (fine → coarse): PSF and block average, or k-space truncation.

@@ -23,6 +23,7 @@ from medsr.errors import Category, MedsrError
 from medsr.intensity import Normaliser, fit_normaliser
 from medsr.io.scan import Scan, refined_affine
 from medsr.model import LoadedModel
+from medsr.noise_floor import fine_noise_sigma
 from medsr.runtime import resolve_amp, resolve_device
 from medsr.sampling import sample
 from medsr.uncertainty import RunningStats, ScanScore, interval, uncertainty_score
@@ -149,7 +150,10 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         mean = stats.mean.float()  # type: ignore[union-attr]
         raw_std = stats.std().float()
         std = raw_std * cal.std_factor
-        q_lo, q_hi, method = interval(mean, raw_std, all_samples, calibration=cal)
+        noise = None
+        if cal.basis == "std_noise":  # the truth's own white noise, implied by this input (medsr.noise_floor)
+            noise = fine_noise_sigma(y, spec).reshape(-1, *[1] * (mean.ndim - 1))
+        q_lo, q_hi, method = interval(mean, raw_std, all_samples, calibration=cal, noise_sigma=noise)
         for key, value in (("mean", mean), ("std", std), ("q05", q_lo), ("q95", q_hi)):
             outs[key][start:stop] = value
         if kept is not None:

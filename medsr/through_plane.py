@@ -33,6 +33,7 @@ from medsr.intensity import fit_normaliser
 from medsr.io.scan import Scan
 from medsr.model import LoadedModel
 from medsr.model_choice import ModelChoice, is_through_plane
+from medsr.noise_floor import fine_noise_sigma
 from medsr.uncertainty import Calibration, interval, uncertainty_score
 
 __all__ = ["enhance_with_choice", "factor_position", "thick_axis_of", "permute_scan", "pooled_moments", "cubic_along",
@@ -147,11 +148,14 @@ def enhance_through_plane(scan: Scan, model: LoadedModel, options: SamplingConfi
     samples = None
     if opt.keep_samples:
         samples = np.concatenate([r.samples for r in results if r.samples is not None])
-    q05, q95, method = _interval(mean, raw_std.astype(np.float32), samples, cal)
-    std = (raw_std * c).astype(np.float32)
-
     norm = fit_normaliser(work.array, work.modality, model.config.intensity)
     half_range = 0.5 * (norm.hi - norm.lo)
+    noise = None
+    if cal.basis == "std_noise":  # one σ for the volume, from the planes of the first orientation (scan units)
+        planes = torch.from_numpy(norm.normalise(work.array[0])).movedim(slice_axes[0], 0)[:, None]
+        noise = float(fine_noise_sigma(planes, spec).mean()) * half_range
+    q05, q95, method = _interval(mean, raw_std.astype(np.float32), samples, cal, noise)
+    std = (raw_std * c).astype(np.float32)
     consistency = _consistency(mean, work.array[0], (factor, 1, 1) if target == 0 else (1, 1, factor), half_range)
     body = norm.normalise(mean) > model.config.data.foreground_threshold
     score = uncertainty_score(0.5 * (q95 - q05) / half_range, std / half_range, body, half_range)
@@ -179,14 +183,15 @@ def enhance_through_plane(scan: Scan, model: LoadedModel, options: SamplingConfi
 
 
 def _interval(mean: np.ndarray, raw_std: np.ndarray, samples: np.ndarray | None,
-              scale: Calibration) -> tuple[np.ndarray, np.ndarray, str]:
+              scale: Calibration, noise_sigma: float | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """The 5-95% interval of the pooled samples, one plane at a time (quantiles of a whole volume at once would
     need all of it in one tensor): :func:`medsr.uncertainty.interval` with the model's spread scale."""
     lo, hi = np.empty_like(mean), np.empty_like(mean)
     method = "normal"
     for i in range(mean.shape[0]):
         s = None if samples is None else torch.from_numpy(np.ascontiguousarray(samples[:, i]))
-        q_lo, q_hi, method = interval(torch.from_numpy(mean[i]), torch.from_numpy(raw_std[i]), s, calibration=scale)
+        q_lo, q_hi, method = interval(torch.from_numpy(mean[i]), torch.from_numpy(raw_std[i]), s, calibration=scale,
+                                      noise_sigma=noise_sigma)
         lo[i], hi[i] = q_lo.numpy(), q_hi.numpy()
     return lo, hi, method
 

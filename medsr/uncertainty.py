@@ -26,7 +26,7 @@ import torch
 
 from medsr.errors import MedsrError
 
-__all__ = ["RunningStats", "interval", "ScanScore", "uncertainty_score", "coverage", "coverage_by_quartile",
+__all__ = ["RunningStats", "interval", "BASES", "ScanScore", "uncertainty_score", "coverage", "coverage_by_quartile",
            "NORMAL_Z", "normalised_scores", "image_risk", "hb_p_value", "ScaleFit", "calibrate_scale", "Calibration",
            "ModelCalibration", "as_model_calibration", "fit_spread_calibration", "pooled_scale", "patch_means",
            "spearman"]
@@ -67,14 +67,22 @@ class RunningStats:
 
 
 def interval(mean: torch.Tensor, std: torch.Tensor, samples: torch.Tensor | None, lo: float = 0.05,
-             hi: float = 0.95, calibration: Calibration | float = 1.0) -> tuple[torch.Tensor, torch.Tensor, str]:
+             hi: float = 0.95, calibration: Calibration | float = 1.0,
+             noise_sigma: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Central interval per voxel, drawn as the calibration says (:class:`Calibration`).
 
     Basis "std": ``mean ± λ·std`` (λ fitted so that the interval covers 90% on held-out scans). Basis
-    "quantile" (v0.1, and uncalibrated models): empirical quantiles of kept samples, else the normal
-    approximation ``mean ± z·std``, scaled about the mean by λ. Returns (low, high, "normal" | "empirical").
+    "std_noise": ``mean ± λ·sqrt(std² + σ²)`` with ``noise_sigma`` σ the truth's white noise estimated from the
+    input (:mod:`medsr.noise_floor`; broadcast against ``mean``). Basis "quantile" (v0.1, and uncalibrated
+    models): empirical quantiles of kept samples, else the normal approximation ``mean ± z·std``, scaled about
+    the mean by λ. Returns (low, high, "normal" | "empirical").
     """
     cal = calibration if isinstance(calibration, Calibration) else Calibration(float(calibration), "quantile")
+    if cal.basis == "std_noise":
+        if noise_sigma is None:
+            raise ValueError("calibration basis 'std_noise' needs the input's noise_sigma")
+        spread = torch.sqrt(std.float() ** 2 + torch.as_tensor(noise_sigma, dtype=torch.float32) ** 2)
+        return mean - cal.scale * spread, mean + cal.scale * spread, "normal"
     if cal.basis == "std":
         return mean - cal.scale * std, mean + cal.scale * std, "normal"
     if samples is not None and samples.shape[0] >= 2:
@@ -134,7 +142,7 @@ def coverage(truth: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray, mask: np.nda
 
 ALPHA = 0.1  # tolerated miscoverage per image: the interval is a 90% interval
 DELTA = 0.1  # RCPS: the risk bound may fail with probability at most DELTA over the calibration draw
-BASES = ("std", "quantile")
+BASES = ("std", "quantile", "std_noise")
 
 
 def normalised_scores(truth: np.ndarray, mean: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray) -> np.ndarray:
@@ -272,8 +280,10 @@ class Calibration:
     """How the 90% interval is drawn for one modality: ``mean ± λ · spread``.
 
     ``basis`` "std": spread = sample std (symmetric, normal-shaped; std is reported as λ/z · std so that
-    mean ± z·std is the interval). "quantile": the 5-95% empirical quantiles of the samples scaled about the
-    mean by λ (v0.1; std reported as λ · std). ``guarantee`` says which rule chose λ (see :class:`ScaleFit`).
+    mean ± z·std is the interval). "std_noise": spread = sqrt(std² + σ²), σ the truth's white noise implied by
+    the input (:mod:`medsr.noise_floor`); the std output stays the model's part, λ/z · std. "quantile": the
+    5-95% empirical quantiles of the samples scaled about the mean by λ (v0.1; std reported as λ · std).
+    ``guarantee`` says which rule chose λ (see :class:`ScaleFit`).
     """
 
     scale: float = 1.0
@@ -294,7 +304,7 @@ class Calibration:
     @property
     def std_factor(self) -> float:
         """What the raw sample std is multiplied by in the std output."""
-        return self.scale / NORMAL_Z if self.basis == "std" else self.scale
+        return self.scale / NORMAL_Z if self.basis in ("std", "std_noise") else self.scale
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (a bound that does not exist, inf, is stored as None)."""

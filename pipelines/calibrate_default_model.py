@@ -24,13 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsr.degrade import DegradeSpec
 from medsr.enhance import EnhanceOptions, enhance_scan
 from medsr.evaluate import degrade_scan
 from medsr.io.paths import atomic_path
 from medsr.io.refs import load_ref
 from medsr.io.scan import Scan
 from medsr.model import LoadedModel, load_model
+from medsr.noise_floor import fine_noise_sigma
 from medsr.uncertainty import (
+    BASES,
     Calibration,
     ModelCalibration,
     calibrate_scale,
@@ -134,25 +137,33 @@ class ScanStats:
     body: np.ndarray
     half_range: float  # scan units per normalised unit (HU for CT)
     samples: int  # diffusion samples per voxel behind mean and std
+    noise: np.ndarray  # (1, 1, Z): the truth's white noise implied by each slice's input (medsr.noise_floor)
+
+    def spread(self, basis: str) -> np.ndarray:
+        return np.sqrt(self.std**2 + self.noise**2) if basis == "std_noise" else self.std
 
     def scores(self, basis: str) -> np.ndarray:
-        lo, hi = (self.mean - self.std, self.mean + self.std) if basis == "std" else (self.q_lo, self.q_hi)
+        spread = self.spread(basis)
+        lo, hi = (self.mean - spread, self.mean + spread) if basis != "quantile" else (self.q_lo, self.q_hi)
         return normalised_scores(self.truth, self.mean, lo, hi)[self.body]
 
     def bounds(self, cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
-        if cal.basis == "std":
-            return self.mean - cal.scale * self.std, self.mean + cal.scale * self.std
+        if cal.basis != "quantile":
+            spread = self.spread(cal.basis)
+            return self.mean - cal.scale * spread, self.mean + cal.scale * spread
         return self.mean + cal.scale * (self.q_lo - self.mean), self.mean + cal.scale * (self.q_hi - self.mean)
 
 
-def scan_stats(name: str, modality: str, data: dict[str, np.ndarray], threshold: float,
+def scan_stats(name: str, modality: str, data: dict[str, np.ndarray], threshold: float, spec: DegradeSpec,
                samples: int | None = None) -> ScanStats:
     x = torch.from_numpy(data["samples"][:samples] if samples else data["samples"]).float()
     mean, std = x.mean(0), x.std(0)
     lo, hi, _ = interval(mean, std, x)  # raw: what enhance computes before calibration
     truth = data["truth"]
+    low = spec.forward(torch.from_numpy(truth).movedim(-1, 0)[:, None])  # each slice's input, as enhance saw it
+    noise = fine_noise_sigma(low, spec).numpy().reshape(1, 1, -1) if spec.white_noise_gain else np.zeros((1, 1, 1))
     return ScanStats(name, modality, truth, mean.numpy(), std.numpy(), lo.numpy(), hi.numpy(), truth > threshold,
-                     float(np.mean(data["range"])) / 2.0, int(x.shape[0]))
+                     float(np.mean(data["range"])) / 2.0, int(x.shape[0]), noise)
 
 
 def measure(s: ScanStats, cal: Calibration) -> dict[str, Any]:
@@ -192,7 +203,7 @@ def study(stats: list[ScanStats], v01: float) -> dict[str, Any]:
         "single factor refit (pooled voxels, all modalities)": {
             g: Calibration(pooled_scale([s.scores("quantile") for s in calib]), "quantile") for g in ("CT", "MR")},
     }
-    for basis in ("std", "quantile"):
+    for basis in BASES:
         methods[f"per-scan risk, per modality, basis {basis}"] = {
             g: fit([s for s in calib if group(s) == g], basis) for g in ("CT", "MR")}
     out: dict[str, Any] = {"calibration_split": [s.name for s in calib], "reporting_split": [s.name for s in report],
@@ -249,7 +260,7 @@ def main() -> None:
     parser.add_argument("--only-cache", action="store_true")
     parser.add_argument("--export", default=None, help="write the chosen calibration (JSON) here, for "
                         "pipelines.export_default_model --calibration-json")
-    parser.add_argument("--basis", default="std", choices=["std", "quantile"])
+    parser.add_argument("--basis", default="std_noise", choices=list(BASES))
     args = parser.parse_args()
     torch.set_num_threads(1)
     global STEPS
@@ -265,12 +276,13 @@ def main() -> None:
         return
     threshold = model.config.data.foreground_threshold
     modality = {h.name: h.modality for h in HELD_OUT}
-    stats = [scan_stats(n, modality[n], d, threshold) for n, d in data.items()]
+    spec = model.degradation
+    stats = [scan_stats(n, modality[n], d, threshold, spec) for n, d in data.items()]
     v01 = 5.269
     result = study(stats, v01)
     result["samples_study"] = {}
     for n_samples in (4, 8):  # sample-count honesty: the same procedure with fewer samples per voxel
-        sub = [scan_stats(n, modality[n], d, threshold, n_samples) for n, d in data.items()]
+        sub = [scan_stats(n, modality[n], d, threshold, spec, n_samples) for n, d in data.items()]
         r = study(sub, v01)["methods"]
         result["samples_study"][n_samples] = {
             k: {"pooled": v["pooled_coverage"], "loo_pooled": v["loo_pooled_coverage"],
