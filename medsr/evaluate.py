@@ -52,6 +52,7 @@ from medsr.intensity import IntensityConfig, Normaliser, fit_normaliser
 from medsr.io.paths import atomic_path
 from medsr.io.scan import Scan, coarse_affine, crop_to_factors
 from medsr.model import LoadedModel
+from medsr.noise_floor import fine_noise_sigma
 from medsr.review import write_evaluation_figures
 from medsr.uncertainty import (
     calibrate_scale,
@@ -170,8 +171,12 @@ def _pick_slice(body: np.ndarray, axis: int) -> int:
 
 def _posterior(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray,
                samples: np.ndarray, mask: np.ndarray, axis: int | None, std_factor: float, half: float,
+               noise: np.ndarray | None = None,
                ) -> tuple[dict[str, Any], dict[str, list[Any]], np.ndarray, np.ndarray, np.ndarray]:
-    """Uncertainty metrics of one scan (normalised units): coverage, width, quartiles, curve, rank correlation."""
+    """Uncertainty metrics of one scan (normalised units): coverage, width, quartiles, curve, rank correlation.
+
+    ``noise`` (broadcastable to the volume): the truth's noise floor of a "std_noise" calibration, which the
+    scores of the λ refit then include, as the shipped interval does."""
     counts = []
     for level in LEVELS:  # raw sample spread; one level at a time: memory of two volumes
         q = np.quantile(samples, [0.5 - level / 2, 0.5 + level / 2], axis=0).astype(np.float32)
@@ -186,6 +191,8 @@ def _posterior(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, q_lo: np.nd
     p_std, p_err = p_std[keep], p_err[keep]
     halfwidth = 0.5 * (q_hi - q_lo)[mask]
     raw_std = std / std_factor
+    if noise is not None:
+        raw_std = np.sqrt(raw_std**2 + noise**2)
     scores = normalised_scores(truth, mean, mean - raw_std, mean + raw_std)[mask]
     posterior = {"coverage_90": coverage(truth, q_lo, q_hi), "coverage_90_body": coverage(truth, q_lo, q_hi, mask),
                  "halfwidth_body": float(halfwidth.mean()) * half, "halfwidth_body_pct": 50.0 * float(halfwidth.mean()),
@@ -229,8 +236,13 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
                      "consistency_mae": float(err.mean()), "consistency_max": float(err.max())})
     mask = body if body.any() else np.ones_like(body)
     cal, _ = model.calibration.for_modality(hr.modality)
+    noise = None
+    if cal.basis == "std_noise":  # per input slice, along the slicing axis (3D: one value)
+        shape = [1, 1, 1]
+        shape[axis if axis is not None else 2] = -1
+        noise = fine_noise_sigma(low_items, spec).numpy().reshape(shape)
     posterior, curve, p_std, p_err, scores = _posterior(truth, mean, std, q_lo, q_hi, samples, mask, axis,
-                                                        cal.std_factor, half)
+                                                        cal.std_factor, half, noise)
     for row in rows:
         row.update(posterior if row["method"] == "mean" else {key: math.nan for key in posterior})
     view = axis if axis is not None else 2
@@ -242,6 +254,7 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
             "input_shape": list(deg.low.spatial_shape), "factors": list(deg.factors), "slice_axis": axis,
             "normaliser": norm.to_dict(), "body_voxels": int(body.sum()), "interval_method": result.interval_method,
             "uncertainty_score": result.score.value, "enhance_s": round(enhance_s, 3),
+            "refit_basis": "std_noise" if noise is not None else "std",
             "truth_consistency_mae": float((spec.forward(truth_items) - low_items).abs().mean())}
     return ScanEvaluation(name, hr.source, hr.modality, rows, curve, p_std, p_err, planes, scores, info)
 
@@ -252,7 +265,8 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _refit(fit_on: list[ScanEvaluation], evaluated: list[ScanEvaluation]) -> dict[str, Any]:
-    """λ for ``mean ± λ·std`` per modality group fitted on ``fit_on`` (one unit per scan), checked on ``evaluated``."""
+    """λ per modality group fitted on ``fit_on`` (one unit per scan), checked on ``evaluated``: ``mean ± λ·std``,
+    or ``mean ± λ·sqrt(std² + σ²)`` where the model's calibration has the noise floor (``basis``)."""
     out: dict[str, Any] = {}
     for group in sorted({"CT" if s.modality.upper() == "CT" else "MR" for s in fit_on}):
         def member(s: ScanEvaluation, group: str = group) -> bool:
@@ -262,7 +276,8 @@ def _refit(fit_on: list[ScanEvaluation], evaluated: list[ScanEvaluation]) -> dic
         scale, guarantee = fit.choose()
         checked = [s for s in evaluated if member(s)]
         per_scan = {s.name: float((s.scores <= scale).mean()) for s in checked}
-        out[group] = {"scale": scale, "guarantee": guarantee, "n": fit.n, "empirical": fit.empirical, "crc": fit.crc,
+        out[group] = {"basis": sorted({s.info["refit_basis"] for s in fit_on if member(s)}),
+                      "scale": scale, "guarantee": guarantee, "n": fit.n, "empirical": fit.empirical, "crc": fit.crc,
                       "rcps": fit.rcps, "hoeffding_slack": fit.hoeffding_slack, "coverage_90_body": per_scan,
                       "single_factor": pooled_scale([s.scores for s in fit_on if member(s)])}
     return out
@@ -324,7 +339,7 @@ def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | Deg
                             [r["halfwidth_body_pct"] for r in mean_rows],
                             [r["abs_error_body_pct"] for r in mean_rows])},
         "refit": {"in_sample": not calib, "fitted_on": [s.source for s in (calib or evaluated)],
-                  "basis": "std", "per_modality": _refit(calib or evaluated, evaluated)},
+                  "per_modality": _refit(calib or evaluated, evaluated)},
         "scans": [{"name": s.name, **s.info, "rows": s.rows} for s in evaluated],
     }
     return Evaluation(evaluated, summary)
@@ -389,7 +404,8 @@ def format_table(evaluation: Evaluation) -> str:
     lines.append(f"coverage of the model's 90% interval: {cal['coverage_90_body']:.3f} in body, "
                  f"{cal['coverage_90']:.3f} whole image (nominal 0.900); Spearman(std, |error|) per patch: {rho}")
     for group, fit in refit["per_modality"].items():
-        lines.append(f"refitted λ ({group}, mean ± λ·std, {fit['n']} scans, "
+        form = "mean ± λ·sqrt(std² + σ²)" if "std_noise" in fit["basis"] else "mean ± λ·std"
+        lines.append(f"refitted λ ({group}, {form}, {fit['n']} scans, "
                      f"{'in-sample' if refit['in_sample'] else 'calibration split'}): {fit['scale']:.3f}, "
                      f"guarantee {fit['guarantee']}")
     lines.append("(PSNR dB and consistency in normalised units, data range 2)")

@@ -243,3 +243,24 @@ def test_spec_kind_may_differ_from_training(model_path: Path) -> None:
     assert ev.summary["degradation"] == "kspace:4x4"
     assert ev.summary["scans"][0]["truth_consistency_mae"] < 1e-5
     assert len(ev.rows) == 3 and all(np.isfinite(r["psnr"]) for r in ev.rows)
+
+
+def test_refit_uses_the_noise_floor_when_the_model_is_calibrated_with_it(model_path: Path) -> None:
+    """A std_noise model's λ refit scores include the truth's noise floor: same samples, smaller λ than with std."""
+    from dataclasses import replace
+
+    from medsr.enhance import EnhanceOptions
+    from medsr.evaluate import evaluate_scans
+    from medsr.model import load_model
+
+    scan = load_scan(resolve_ref(SLICE))
+    scan = scan.with_array(scan.array[:, 32:96, 32:96])
+    model = load_model(model_path)
+    lam = {}
+    for basis in ("std", "std_noise"):
+        m = replace(model, calibration=ModelCalibration({"CT": Calibration(1.0, basis)}))
+        ev = evaluate_scans([scan], m, "block:4x4", EnhanceOptions(samples=2, steps=1, device="cpu", seed=3))
+        fit = ev.summary["refit"]["per_modality"]["CT"]
+        assert fit["basis"] == [basis]
+        lam[basis] = fit["scale"]
+    assert lam["std_noise"] < lam["std"]
