@@ -71,8 +71,8 @@ from medsr.uncertainty import (
     spearman,
 )
 
-__all__ = ["Degraded", "degrade_scan", "ScanEvaluation", "Evaluation", "evaluate_scans", "write_evaluation",
-           "format_table", "METHODS"]
+__all__ = ["Degraded", "degrade_scan", "pixel_size", "slice_scores", "ScanEvaluation", "Evaluation", "evaluate_scans",
+           "write_evaluation", "format_table", "METHODS"]
 
 METHODS = ("interpolation", "sample", "mean")  # every task; the denoise task adds its tuned baselines
 BONE_HU = 300.0  # CT: bone edges for the edge-width measure are the boundary of truth > 300 HU
@@ -184,6 +184,14 @@ def _ssim(pred: torch.Tensor, truth: torch.Tensor, body: torch.Tensor) -> tuple[
     h = win // 2
     inner = body[(slice(None), slice(None), *[slice(h, s - h) for s in body.shape[2:]])]
     return whole, float(ssim_map[inner].mean()) if inner.any() else math.nan
+
+
+def slice_scores(pred: np.ndarray, truth: np.ndarray, body: np.ndarray) -> dict[str, float]:
+    """PSNR and SSIM (whole and in ``body``) of one 2D slice in normalised units, as the evaluation rows."""
+    p, t = (torch.as_tensor(np.asarray(a, np.float32))[None, None] for a in (pred, truth))
+    ssim, ssim_body = _ssim(p, t, torch.as_tensor(body)[None, None])
+    return {"psnr": _psnr(pred, truth), "psnr_body": _psnr(pred[body], truth[body]) if body.any() else math.nan,
+            "ssim": ssim, "ssim_body": ssim_body}
 
 
 def _pick_slice(body: np.ndarray, axis: int) -> int:
