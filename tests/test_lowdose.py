@@ -277,6 +277,16 @@ def test_lowdose_ct_is_shipped_as_a_denoiser_that_auto_never_picks() -> None:
     for spacing, shape, acq in [((0.66, 0.66, 5.0), (128, 128, 1), 2), ((1, 1, 1), (64, 64, 64), None),
                                 ((0.5, 0.5, 5.0), (64, 64, 20), 2), ((0.3, 0.3, 0.3), (512, 512, 1), None)]:
         assert choose_model(spacing, shape, acq).name != "lowdose_ct"
+    # listed by ``medsr models`` with its calibration (CT) and its own card, which ships beside the weights
+    import json
+
+    from medsr.runtime import WEIGHTS_DIR
+
+    res = CliRunner().invoke(medsr.cli.app, ["models", "--json"])
+    assert res.exit_code == 0, res.output
+    row = {r["name"]: r for r in json.loads(res.output)}["lowdose_ct"]
+    assert (row["task"], row["auto"], row["card"]) == ("denoise", False, "LOWDOSE_CT_CARD.md")
+    assert row["calibration"].startswith("CT: x") and (WEIGHTS_DIR / entry.card).is_file()
 
 
 def test_enhance_by_name_lowdose_ct_writes_a_derived_dicom_series_on_the_input_grid(
