@@ -46,8 +46,8 @@ from pipelines.export_model import export_shipped
 
 TARGET_DB = 1.5  # issue 15: >= +1.5 dB over the best tuned classical denoiser on every held-out slice
 COVERAGE_BAND = (0.85, 0.95)
-ANATOMY = {"bad_sequence": "neck", "eCT_Supplemental": "body (enhanced CT; no bone in these slices)",
-           "CT_small": "body"}
+ANATOMY = {"bad_sequence": "neck", "eCT_Supplemental": "head, enhanced CT; no voxel above 172 HU",
+           "CT_small": "body, spine"}
 
 
 def held_out_ct(crop: int) -> list[calib.HeldOut]:
@@ -186,9 +186,10 @@ def card_text(result: dict[str, Any]) -> str:
         "empirical one (the smallest λ whose mean per-scan miscoverage is ≤ α). Few real CT scans ship offline; "
         "this is a measured calibration, not a promise.",
         "- assumptions in plain words: the interval is calibrated for quarter-dose noise **as this simulator makes "
-        "it**, on scans like these held-out ones (a neck slice, two body slices of one enhanced CT, one small "
-        "body slice), at the sampling settings above. A real low-dose scan whose noise differs (another dose, "
-        "reconstruction kernel, iterative reconstruction, fan-beam geometry), another body part, or other "
+        "it**, on scans like these held-out ones (a neck slice, two head slices of one enhanced CT, one small "
+        "body slice through the spine), at the sampling settings above. A real low-dose scan whose noise "
+        "differs (another dose, reconstruction kernel, iterative reconstruction, fan-beam geometry), another "
+        "body part, or other "
         "sampling settings may be covered less often. The samples' spread reflects the model's uncertainty about "
         "the denoised image, not the noise of the input.",
         "",
