@@ -60,3 +60,28 @@ def test_rows_and_verdicts(centre: str, tmp_path: Path) -> None:
     else:  # the noisy input as the 'mean': worse than the tuned baselines
         assert r["gain_db"] < 0 and "**NOT met** (gains" in text
     assert "n ≥ 9" in text and "CT_small" in text
+
+
+def test_held_out_low_dose_input_is_simulated_on_the_whole_slice_then_cropped(tmp_path: Path) -> None:
+    """enhance_cached for a low-dose model: the crop's noise is the crop of the whole slice's simulated noise
+    (attenuation and streaks from outside the crop count), the input is cached with the samples, and reruns
+    read the cache."""
+    from medsr.enhance import EnhanceOptions
+    from medsr.evaluate import degrade_scan
+    from pipelines.lowdose_card import held_out_ct
+
+    model = tiny_model(tmp_path / "m.pt", "lowdose:1x1,dose=0.25")
+    item = next(h for h in held_out_ct(64) if h.name == "CT_small")
+    opt = EnhanceOptions(samples=2, steps=2, seed=0, device="cpu")
+    data = calib.enhance_cached(item, model, opt, tmp_path / "cache")
+    files = list((tmp_path / "cache").iterdir())
+    assert len(files) == 1 and files[0].name.endswith("-c64-ld.npz")
+    assert data["truth"].shape == data["low"].shape == (64, 64, 1) and data["samples"].shape == (2, 64, 64, 1)
+    whole = degrade_scan(ct_small(), model.config.degrade, model.config.intensity, slice_axis=2, seed=0)
+    noise = (whole.low_norm - whole.truth_norm)[32:96, 32:96]
+    np.testing.assert_allclose(data["low"] - data["truth"], noise, atol=1e-5)
+    np.testing.assert_allclose(data["truth"], whole.truth_norm[32:96, 32:96], atol=1e-6)
+    stamp = files[0].stat().st_mtime_ns
+    again = calib.enhance_cached(item, model, opt, tmp_path / "cache")
+    assert files[0].stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(again["samples"], data["samples"])
