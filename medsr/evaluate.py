@@ -17,6 +17,12 @@ the posterior mean. All metrics are in normalised units (the truth's normaliser,
   error?
 - λ refitted per modality (:func:`medsr.uncertainty.calibrate_scale`, one unit per scan) on a calibration split
   or, when none is given, in-sample, with v0.1's pooled single factor beside it.
+- the denoise task (a ``lowdose`` spec): the low-dose slice is simulated with the slice's own pixel size (mm)
+  and the CT window of the normalisation (a physical simulation); the "interpolation" row is then the noisy input
+  itself, and the classical baselines of :mod:`medsr.baselines` (non-local means, total variation, BM3D if
+  installed), each tuned per slice on the truth's PSNR, are scored beside it. Every row also gets the noise std
+  in uniform regions (HU) and the 10-90% bone-edge width (mm) of :mod:`medsr.image_quality`, with the truth's
+  own values in ``info``.
 
 Figures are drawn by :mod:`medsr.review`.
 """
@@ -39,6 +45,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from monai.metrics.regression import compute_ssim_and_cs
 
 from medsr import __version__
+from medsr.baselines import tuned_baselines
 from medsr.degrade import (
     DegradeSpec,
     apply_degradation,
@@ -48,6 +55,7 @@ from medsr.degrade import (
 )
 from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan, volume_factors
 from medsr.errors import MedsrError
+from medsr.image_quality import edge_points, edge_width, noise_std, uniform_patches
 from medsr.intensity import IntensityConfig, Normaliser, fit_normaliser
 from medsr.io.paths import atomic_path
 from medsr.io.scan import Scan, coarse_affine, crop_to_factors
@@ -64,10 +72,11 @@ from medsr.uncertainty import (
     spearman,
 )
 
-__all__ = ["Degraded", "degrade_scan", "ScanEvaluation", "Evaluation", "evaluate_scans", "write_evaluation",
-           "format_table", "METHODS"]
+__all__ = ["Degraded", "degrade_scan", "pixel_size", "slice_scores", "ScanEvaluation", "Evaluation", "evaluate_scans",
+           "write_evaluation", "format_table", "METHODS"]
 
-METHODS = ("interpolation", "sample", "mean")
+METHODS = ("interpolation", "sample", "mean")  # every task; the denoise task adds its tuned baselines
+BONE_HU = 300.0  # CT: bone edges for the edge-width measure are the boundary of truth > 300 HU
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # central intervals of the calibration curve
 DATA_RANGE = 2.0  # normalised units: the normaliser maps its range onto [-1, 1]
 PATCH = 8  # in-plane patch size for the std-error rank correlation
@@ -97,20 +106,33 @@ def _volume(items: torch.Tensor, axis: int | None) -> np.ndarray:
     return (items[:, 0].movedim(0, axis) if axis is not None else items[0, 0]).numpy()
 
 
+def pixel_size(scan: Scan, axis: int | None) -> float:
+    """In-plane pixel size (mm) of the slices across ``axis`` (3D: the mean of the first two spacings)."""
+    inplane = [a for a in range(3) if a != (2 if axis is None else axis)]
+    return float(np.mean([scan.spacing[a] for a in inplane]))
+
+
 def degrade_scan(hr: Scan, spec: DegradeSpec | str, intensity: IntensityConfig | None = None,
                  slice_axis: int | None = None, seed: int = 0) -> Degraded:
     """Crop, normalise, degrade (in normalised units, noise seeded by ``seed``) and denormalise ``hr``.
 
     A 2D operator works on slices across ``slice_axis`` (default: :func:`medsr.enhance.choose_slice_axis`).
+    A ``lowdose`` spec simulates CT physics: it needs a CT scan, and gets the slices' pixel size (mm) and the
+    CT window of ``intensity`` (the HU the normalised values stand for).
     """
     spec = parse_spec(spec)
     axis = (choose_slice_axis(hr) if slice_axis is None else int(slice_axis)) if spec.spatial_dims == 2 else None
+    if spec.kind == "lowdose" and hr.modality.upper() != "CT":
+        raise MedsrError(f"{hr.source}: degradation {spec} simulates low-dose CT, but the scan's modality is "
+                         f"{hr.modality}")
     factors = volume_factors(spec, axis)
     truth = crop_to_factors(hr, factors)
     norm = fit_normaliser(truth.array, truth.modality, intensity)
     truth_norm = norm.normalise(truth.array[0])
     params = draw_params(spec, np.random.default_rng(seed))
-    low_norm = _volume(apply_degradation(_items(truth_norm, axis), params), axis)
+    window = tuple((intensity or IntensityConfig()).ct_window)
+    low_norm = _volume(apply_degradation(_items(truth_norm, axis), params, pixel_size(truth, axis),
+                                         (float(window[0]), float(window[1]))), axis)
     low = replace(truth, array=norm.denormalise(low_norm)[None], affine=coarse_affine(truth.affine, factors),
                   dicom_headers=[], series_uid="")
     return Degraded(truth, low, truth_norm, low_norm, norm, spec, factors, axis)
@@ -165,6 +187,14 @@ def _ssim(pred: torch.Tensor, truth: torch.Tensor, body: torch.Tensor) -> tuple[
     return whole, float(ssim_map[inner].mean()) if inner.any() else math.nan
 
 
+def slice_scores(pred: np.ndarray, truth: np.ndarray, body: np.ndarray) -> dict[str, float]:
+    """PSNR and SSIM (whole and in ``body``) of one 2D slice in normalised units, as the evaluation rows."""
+    p, t = (torch.as_tensor(np.asarray(a, np.float32))[None, None] for a in (pred, truth))
+    ssim, ssim_body = _ssim(p, t, torch.as_tensor(body)[None, None])
+    return {"psnr": _psnr(pred, truth), "psnr_body": _psnr(pred[body], truth[body]) if body.any() else math.nan,
+            "ssim": ssim, "ssim_body": ssim_body}
+
+
 def _pick_slice(body: np.ndarray, axis: int) -> int:
     return int(np.argmax(body.sum(axis=tuple(a for a in range(3) if a != axis))))
 
@@ -204,6 +234,52 @@ def _posterior(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, q_lo: np.nd
     return posterior, curve, p_std, p_err, scores
 
 
+def _slices(vol: np.ndarray, axis: int | None) -> list[np.ndarray]:
+    """2D slices of a volume across ``axis`` (3D: axial, across the last axis)."""
+    a = 2 if axis is None else axis
+    return [np.take(vol, i, axis=a) for i in range(vol.shape[a])]
+
+
+def _stack(planes: list[np.ndarray], axis: int | None) -> np.ndarray:
+    return np.stack(planes, axis=2 if axis is None else axis)
+
+
+def _tuned_baselines(deg: Degraded, axis: int | None) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:
+    """Every available classical denoiser tuned per slice on the truth (normalised units, data range 2):
+    the denoised volumes and the chosen strengths (x noise std) per slice."""
+    outs: dict[str, list[np.ndarray]] = {}
+    strengths: dict[str, list[float]] = {}
+    for low, truth in zip(_slices(deg.low_norm, axis), _slices(deg.truth_norm, axis)):
+        for name, tuned in tuned_baselines(low, truth, data_range=DATA_RANGE).items():
+            outs.setdefault(name, []).append(tuned.output)
+            strengths.setdefault(name, []).append(tuned.strength)
+    return {n: _stack(v, axis) for n, v in outs.items()}, strengths
+
+
+@dataclass
+class _Regions:
+    """Where the noise and edge measures look, per slice, chosen from the truth (scan units)."""
+
+    patches: list[list[tuple[slice, slice]]]
+    edges: list[tuple[np.ndarray, np.ndarray]]
+    pixel_mm: float
+
+
+def _regions(truth_scan: np.ndarray, body: np.ndarray, axis: int | None, pixel_mm: float) -> _Regions:
+    return _Regions([uniform_patches(t, b) for t, b in zip(_slices(truth_scan, axis), _slices(body, axis))],
+                    [edge_points(t, BONE_HU) for t in _slices(truth_scan, axis)], pixel_mm)
+
+
+def _quality(pred_scan: np.ndarray, regions: _Regions, axis: int | None) -> dict[str, float]:
+    """Noise std in uniform patches (RMS over slices, scan units) and bone-edge width (mean over slices, mm)."""
+    planes = _slices(pred_scan, axis)
+    noise = [noise_std(p, q) for p, q in zip(planes, regions.patches) if q]
+    widths = [edge_width(p, pts, nrm, regions.pixel_mm) for p, (pts, nrm) in zip(planes, regions.edges)]
+    widths = [w for w in widths if math.isfinite(w)]
+    return {"noise_std": float(np.sqrt(np.mean(np.square(noise)))) if noise else math.nan,
+            "edge_width_mm": float(np.mean(widths)) if widths else math.nan}
+
+
 def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceOptions, seed: int,
                   name: str, progress: Callable[[int, int], None] | None) -> ScanEvaluation:
     cfg = model.config
@@ -223,6 +299,13 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
     low_items = _items(deg.low_norm, axis)
     answers = {"interpolation": _volume(upsample(low_items, spec.factors), axis), "sample": samples[0], "mean": mean}
     body = truth > cfg.data.foreground_threshold
+    denoise_task = spec.kind == "lowdose"
+    strengths: dict[str, list[float]] = {}
+    regions = None
+    if denoise_task:
+        baselines, strengths = _tuned_baselines(deg, axis)
+        answers.update(baselines)
+        regions = _regions(deg.truth.array[0], body, axis, pixel_size(deg.truth, axis))
     body_items = _items(body, axis).bool()
     truth_items = _items(truth, axis)
     rows: list[dict[str, Any]] = []
@@ -234,6 +317,8 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
                      "psnr_body": _psnr(pred[body], truth[body]) if body.any() else math.nan,
                      "ssim": ssim, "ssim_body": ssim_body,
                      "consistency_mae": float(err.mean()), "consistency_max": float(err.max())})
+        if regions is not None:
+            rows[-1].update(_quality(norm.denormalise(pred), regions, axis))
     mask = body if body.any() else np.ones_like(body)
     cal, _ = model.calibration.for_modality(hr.modality)
     noise = None
@@ -250,12 +335,17 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
     planes = {"truth": truth, "interpolation": answers["interpolation"], "sample": samples[0], "mean": mean,
               "std": std, "error": np.abs(mean - truth)}
     planes = {key: np.take(v, index, axis=view).T for key, v in planes.items()}
-    info = {"source": hr.source, "modality": hr.modality, "shape": list(deg.truth.spatial_shape),
+    info: dict[str, Any] = {"source": hr.source, "modality": hr.modality, "shape": list(deg.truth.spatial_shape),
             "input_shape": list(deg.low.spatial_shape), "factors": list(deg.factors), "slice_axis": axis,
             "normaliser": norm.to_dict(), "body_voxels": int(body.sum()), "interval_method": result.interval_method,
             "uncertainty_score": result.score.value, "enhance_s": round(enhance_s, 3),
             "refit_basis": "std_noise" if noise is not None else "std",
             "truth_consistency_mae": float((spec.forward(truth_items) - low_items).abs().mean())}
+    if regions is not None:
+        info.update({"pixel_mm": regions.pixel_mm, "baseline_strengths": strengths,
+                     "truth_quality": _quality(deg.truth.array[0], regions, axis),
+                     "uniform_patches": sum(len(q) for q in regions.patches),
+                     "edge_points": sum(len(p) for p, _ in regions.edges)})
     return ScanEvaluation(name, hr.source, hr.modality, rows, curve, p_std, p_err, planes, scores, info)
 
 
@@ -306,10 +396,12 @@ def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | Deg
         evaluated.append(_evaluate_one(scan, model, spec, opt, opt.seed + 7919 * i, name, progress))
     calib = [_evaluate_one(s, model, spec, opt, opt.seed + 104729 + 7919 * i, f"calib_{i}", progress)
              for i, s in enumerate(calibration_scans)]
+    methods = list(dict.fromkeys(r["method"] for s in evaluated for r in s.rows))  # METHODS, then baselines
     overall = {m: {key: _mean([r[key] for s in evaluated for r in s.rows if r["method"] == m])
-                   for key in evaluated[0].rows[0] if key not in ("scan", "method")} for m in METHODS}
-    overall["interpolation"] = {k: v for k, v in overall["interpolation"].items() if math.isfinite(v)}
-    overall["sample"] = {k: v for k, v in overall["sample"].items() if math.isfinite(v)}
+                   for key in evaluated[0].rows[0] if key not in ("scan", "method")} for m in methods}
+    for m in methods:
+        if m != "mean":
+            overall[m] = {k: v for k, v in overall[m].items() if math.isfinite(v)}
     inside = np.sum([s.curve["inside"] for s in evaluated], axis=0)
     total = np.sum([s.curve["total"] for s in evaluated], axis=0)
     all_std = np.concatenate([s.patch_std for s in evaluated])
@@ -323,7 +415,14 @@ def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | Deg
         "sampling": {"sampler": opt.sampler, "steps": opt.steps, "samples": opt.samples, "seed": opt.seed,
                      "data_consistency_projection": opt.project},
         "metrics": {"units": "normalised (truth's normaliser, data range 2)",
-                    "interpolation": "bicubic" if spec.spatial_dims == 2 else "trilinear",
+                    "interpolation": ("the noisy input itself (denoise task)" if spec.kind == "lowdose" else
+                                      "bicubic" if spec.spatial_dims == 2 else "trilinear"),
+                    "baselines": ("classical denoisers (medsr.baselines), strength tuned per slice on the truth's "
+                                  "PSNR" if spec.kind == "lowdose" else "none"),
+                    "noise_std": "std in the 10% most uniform 8x8 patches inside the body (truth's gradient), "
+                                 "RMS over patches, scan units (HU)",
+                    "edge_width_mm": f"10-90% width of the mean profile across the truth's strongest edges of "
+                                     f"truth > {BONE_HU:g} HU (mm)",
                     "body": f"truth > {model.config.data.foreground_threshold} (normalised)",
                     "consistency": "mean/max |A(output) - input|, A = the spec's noise-free operator",
                     "spearman": f"per-patch std vs |error of mean|, {PATCH}-voxel patches >= half body",
@@ -359,7 +458,7 @@ def _clean(value: Any) -> Any:
 CSV_FIELDS = ["scan", "method", "psnr", "psnr_body", "ssim", "ssim_body", "consistency_mae", "consistency_max",
               "coverage_90", "coverage_90_body", "halfwidth_body", "halfwidth_body_pct", "abs_error_body_pct",
               "coverage_q1", "coverage_q2", "coverage_q3", "coverage_q4", "spearman_std_error", "patches",
-              "mean_std_body"]
+              "mean_std_body", "noise_std", "edge_width_mm"]
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) -> list[Path]:
@@ -385,20 +484,23 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) ->
 
 def format_table(evaluation: Evaluation) -> str:
     """A short text table: PSNR/SSIM/consistency per scan and method, overall, then calibration."""
+    denoise = any("noise_std" in row for row in evaluation.rows)
     head = f"{'scan':<20} {'method':<14} {'PSNR':>7} {'PSNRbody':>8} {'SSIM':>6} {'SSIMbody':>8} {'consist':>8}"
+    head += f" {'noiseHU':>8} {'edge_mm':>8}" if denoise else ""
     lines = [head, "-" * len(head)]
 
     def line(scan: str, method: str, r: dict[str, Any]) -> str:
         def f(key: str, width: int, digits: int) -> str:
             v = r.get(key, math.nan)
             return f"{v:>{width}.{digits}f}" if v is not None and math.isfinite(v) else f"{'n/a':>{width}}"
-        return (f"{scan[:20]:<20} {method:<14} {f('psnr', 7, 2)} {f('psnr_body', 8, 2)} {f('ssim', 6, 3)} "
+        text = (f"{scan[:20]:<20} {method:<14} {f('psnr', 7, 2)} {f('psnr_body', 8, 2)} {f('ssim', 6, 3)} "
                 f"{f('ssim_body', 8, 3)} {f('consistency_mae', 8, 4)}")
+        return text + (f" {f('noise_std', 8, 1)} {f('edge_width_mm', 8, 3)}" if denoise else "")
 
     for row in evaluation.rows:
         lines.append(line(row["scan"], row["method"], row))
-    for method in METHODS:
-        lines.append(line("overall", method, evaluation.summary["overall"][method]))
+    for method, values in evaluation.summary["overall"].items():
+        lines.append(line("overall", method, values))
     cal, refit = evaluation.summary["calibration"], evaluation.summary["refit"]
     rho = f"{cal['spearman_pooled']:.3f}" if math.isfinite(cal["spearman_pooled"]) else "n/a"
     lines.append(f"coverage of the model's 90% interval: {cal['coverage_90_body']:.3f} in body, "

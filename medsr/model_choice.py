@@ -32,7 +32,7 @@ class ModelChoice:
     """The model to run, the array axis it works across, and a sentence a user can read."""
 
     name: str
-    task: str  # "inplane" or "throughplane"
+    task: str  # "inplane", "throughplane" or "denoise"
     axis: int  # in-plane: the slice axis (the plane is the other two); through-plane: the thick axis
     factor: int  # through-plane: the refinement along ``axis``; in-plane: the model's in-plane factor
     reason: str
@@ -96,8 +96,8 @@ def is_through_plane(spec: DegradeSpec) -> bool:
 
 def explicit_choice(name_or_path: str, spec: DegradeSpec, spacing: Sequence[float], slice_axis: int) -> ModelChoice:
     """What ``--model NAME|PATH`` runs: the checkpoint's own degradation decides the task (a 2D spec with one
-    factor 1 is through-plane, along the scan's coarsest axis; anything else works as before, across
-    ``slice_axis``)."""
+    factor 1 is through-plane, along the scan's coarsest axis; a low-dose spec denoises; anything else works as
+    before, across ``slice_axis``)."""
     if is_through_plane(spec):
         sp = np.asarray(spacing, np.float64)
         thick = int(np.flatnonzero(sp >= sp.max() * (1 - 1e-3))[-1])
@@ -105,5 +105,9 @@ def explicit_choice(name_or_path: str, spec: DegradeSpec, spacing: Sequence[floa
                            f"--model {name_or_path}: a through-plane model ({spec}), along the scan's coarsest "
                            f"axis {thick}")
     where = "on the whole volume" if spec.spatial_dims == 3 else f"slices across axis {slice_axis}"
+    if spec.kind == "lowdose":  # a denoiser: same grid out as in
+        return ModelChoice(name_or_path, "denoise", slice_axis, 1,
+                           f"--model {name_or_path}: a low-dose CT denoiser ({spec}), {where}; output grid = input "
+                           "grid")
     return ModelChoice(name_or_path, "inplane", slice_axis, max(spec.factors),
                        f"--model {name_or_path} ({spec}), {where}")

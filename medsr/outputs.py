@@ -230,7 +230,8 @@ def _write_all(scan: Scan, result: EnhanceResult, model: LoadedModel, options: E
     if formats in ("dicom", "both"):
         scale = "x".join(str(f) for f in result.factors)
         n = options.samples
-        write_dicom(scan, result, folder, f"medsr SR3 {scale}", n)
+        denoise = result.info.get("model_choice", {}).get("task") == "denoise"
+        write_dicom(scan, result, folder, "medsr SR3 denoise" if denoise else f"medsr SR3 {scale}", n)
         written += ["dicom_mean/", "dicom_std/"]
     if save_samples and result.samples is not None:
         samples = Scan(array=result.samples.astype(np.float32), affine=result.mean.affine,

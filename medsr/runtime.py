@@ -121,6 +121,10 @@ DEFAULT_MODEL_NAME = "default"
 SHIPPED_MODELS: dict[str, ShippedModel] = {
     "default": ShippedModel("default", "default_x4.pt", "inplane", (4, 4),
                             "2D x4 in-plane super-resolution, brain MRI and head CT"),
+    # a denoiser: nothing in a scan says it is low-dose, so ``--model auto`` never picks it (ask by name)
+    "lowdose_ct": ShippedModel("lowdose_ct", "lowdose_ct.pt", "denoise", (1, 1),
+                               "2D quarter-dose CT denoiser (sinogram-simulated noise), output grid = input grid",
+                               ("CT",), auto=False, card="LOWDOSE_CT_CARD.md"),
 }
 
 

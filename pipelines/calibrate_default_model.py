@@ -93,33 +93,46 @@ def weights_id(model: LoadedModel) -> str:
 
 
 def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache: Path) -> dict[str, np.ndarray]:
-    """Truth, body mask and the samples (all normalised with the truth's normaliser) for every slice of ``item``.
+    """Truth, degraded input and the samples (all normalised with the truth's normaliser) for every slice of
+    ``item``, and each slice's intensity range.
 
     Slices are concatenated along Z. Cached as ``cache/NAME-<weights id>-s<samples>-k<steps>-c<crop>.npz``.
+    A low-dose model's input is simulated on the whole slice (attenuation and streaks come from all of it) and
+    cropped after; other degradations crop first (``-ld`` in the key tells the two apart).
     """
-    key = f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}"
+    whole_slice = model.degradation.kind == "lowdose"
+    key = f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}{'-ld' if whole_slice else ''}"
     path = cache / f"{key}.npz"
     if path.is_file():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     scan = load_ref(item.ref, item.modality)
     parts = [slice_scan(scan, z) for z in item.slices] if item.slices else [scan]
-    truths, samples = [], []
+    truths, lows, samples = [], [], []
     lo_hi = []
     for part in parts:
-        part = centre_crop(part, item.crop)
-        deg = degrade_scan(part, model.config.degrade, model.config.intensity, slice_axis=2, seed=0)
-        res = enhance_scan(deg.low, model, replace(opt, keep_samples=True, slice_axis=2))
+        if whole_slice:
+            deg = degrade_scan(part, model.config.degrade, model.config.intensity, slice_axis=2, seed=0)
+            low, truth = centre_crop(deg.low, item.crop), centre_crop(deg.truth, item.crop)
+            truth_norm, low_norm = deg.norm.normalise(truth.array[0]), deg.norm.normalise(low.array[0])
+        else:
+            deg = degrade_scan(centre_crop(part, item.crop), model.config.degrade, model.config.intensity,
+                               slice_axis=2, seed=0)
+            low, truth_norm, low_norm = deg.low, deg.truth_norm, deg.low_norm
+        res = enhance_scan(low, model, replace(opt, keep_samples=True, slice_axis=2))
         assert res.samples is not None
-        truths.append(deg.truth_norm)
+        truths.append(truth_norm)
+        lows.append(low_norm)
         samples.append(deg.norm.normalise(res.samples))
         lo_hi.append((deg.norm.lo, deg.norm.hi))
     out = {"truth": np.concatenate(truths, axis=-1), "samples": np.concatenate(samples, axis=-1),
            "range": np.asarray([hi - lo for lo, hi in lo_hi], np.float64)}
+    if whole_slice:  # a block input lives on the coarse grid: slices of different crops do not concatenate
+        out["low"] = np.concatenate(lows, axis=-1)
     cache.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, truth=out["truth"], samples=out["samples"], range=out["range"])
+            np.savez_compressed(fh, **out)  # type: ignore[arg-type]
     return out
 
 

@@ -29,7 +29,7 @@ from medsr.degrade import (
 from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig
 from medsr.io import load_scan
-from medsr.io.refs import load_ref
+from medsr.io.refs import load_ref, resolve_ref
 from medsr.lowdose_cache import noise_volumes, realisations_for
 
 
@@ -259,3 +259,118 @@ def test_noise_cache_refuses_patches_cut_across_several_axes(tmp_path: Path) -> 
     with pytest.raises(MedsrError, match="several axes"):
         PatchDataset([vol], parse_spec("lowdose:1x1,dose=0.25"), (8, 8), 4, slice_axes=(0, 1, 2),
                      lowdose_cache=tmp_path / "cache")
+
+
+# --- the shipped lowdose_ct model, by name -------------------------------------------------------------------
+
+def test_lowdose_ct_is_shipped_as_a_denoiser_that_auto_never_picks() -> None:
+    from medsr.model import load_model
+    from medsr.model_choice import choose_model
+    from medsr.runtime import SHIPPED_MODELS, shipped_model_path
+
+    entry = SHIPPED_MODELS["lowdose_ct"]
+    assert (entry.task, entry.factors, entry.modalities, entry.auto) == ("denoise", (1, 1), ("CT",), False)
+    shipped = load_model(shipped_model_path("lowdose_ct"))
+    assert parse_spec(shipped.config.degrade).kind == "lowdose"
+    assert shipped_model_path("lowdose_ct").stat().st_size < 5e6  # fp16 EMA weights only
+    # the real registry: whatever the geometry, auto picks something else
+    for spacing, shape, acq in [((0.66, 0.66, 5.0), (128, 128, 1), 2), ((1, 1, 1), (64, 64, 64), None),
+                                ((0.5, 0.5, 5.0), (64, 64, 20), 2), ((0.3, 0.3, 0.3), (512, 512, 1), None)]:
+        assert choose_model(spacing, shape, acq).name != "lowdose_ct"
+    # listed by ``medsr models`` with its calibration (CT) and its own card, which ships beside the weights
+    import json
+
+    from medsr.runtime import WEIGHTS_DIR
+
+    res = CliRunner().invoke(medsr.cli.app, ["models", "--json"])
+    assert res.exit_code == 0, res.output
+    row = {r["name"]: r for r in json.loads(res.output)}["lowdose_ct"]
+    assert (row["task"], row["auto"], row["card"]) == ("denoise", False, "LOWDOSE_CT_CARD.md")
+    assert row["calibration"].startswith("CT: x") and (WEIGHTS_DIR / entry.card).is_file()
+
+
+def test_enhance_by_name_lowdose_ct_writes_a_derived_dicom_series_on_the_input_grid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``medsr enhance CT_small.dcm --model lowdose_ct`` (a tiny model exported in the shipped model's place):
+    DICOM in gives a derived DICOM series out whose geometry tags equal the input's."""
+    import pydicom
+
+    import medsr.runtime
+    from pipelines.export_model import export_shipped
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_config("lowdose:1x1,dose=0.25", (16, 16)))
+    monkeypatch.setattr(medsr.runtime, "WEIGHTS_DIR", weights)
+    exported = export_shipped(ckpt, "lowdose_ct")
+    assert exported == weights / "lowdose_ct.pt"
+    out = tmp_path / "out"
+    res = CliRunner().invoke(medsr.cli.app, ["enhance", DICOM_REF, "--model", "lowdose_ct", "--out", str(out),
+                                             "--samples", "2", "--steps", "2", "--device", "cpu", "--amp", "none"])
+    assert res.exit_code == 0, res.output
+    assert "denoise" in res.output
+    src_path = resolve_ref(DICOM_REF)
+    src = pydicom.dcmread(src_path)
+    files = sorted((out / "CT_small" / "dicom_mean").iterdir())
+    assert len(files) == 1
+    ds = pydicom.dcmread(files[0])
+    for tag in ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient",
+                "SliceThickness"):
+        np.testing.assert_allclose(np.asarray(ds.data_element(tag).value, np.float64),
+                                   np.asarray(src.data_element(tag).value, np.float64), atol=1e-4, err_msg=tag)
+    assert "DERIVED" in list(ds.ImageType)
+    assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+    assert "denoise" in ds.SeriesDescription
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    ref = src.pixel_array * float(src.RescaleSlope) + float(src.RescaleIntercept)
+    assert np.corrcoef(hu.ravel(), ref.ravel())[0, 1] > 0.9  # same anatomy, HU kept
+
+
+# --- medsr evaluate on the denoise task ---------------------------------------------------------------------
+
+def test_evaluation_degrades_with_the_slices_pixel_size_and_ct_window() -> None:
+    """degrade_scan gives the simulator the scan's pixel size and the CT window: its noise is exactly the
+    simulator's on the scan's HU at 0.66 mm (a wrong window would rescale the HU, the 1 mm default would be
+    another simulation); an MR scan is refused for a CT simulation."""
+    from medsr.evaluate import degrade_scan
+
+    scan = ct_small()
+    deg = degrade_scan(scan, "lowdose:1x1,dose=0.25", IntensityConfig(ct_window=(-1000.0, 1000.0)), 2, seed=3)
+    noise_hu = (deg.low.array[0] - deg.truth.array[0])[..., 0]
+    params = draw_params(parse_spec("lowdose:1x1,dose=0.25"), np.random.default_rng(3))
+    hu = torch.from_numpy(deg.truth.array[0][..., 0].astype(np.float64))[None]
+    px = float(np.mean(scan.spacing[:2]))
+    expected = low_dose_noise_hu(hu, 0.25, torch.Generator().manual_seed(params.noise_seed), px)[0].numpy()
+    np.testing.assert_allclose(noise_hu, expected, atol=0.5)  # float32 round trip through the window
+    at_1mm = low_dose_noise_hu(hu, 0.25, torch.Generator().manual_seed(params.noise_seed), 1.0)[0].numpy()
+    assert np.abs(noise_hu - at_1mm).mean() > 5.0  # the 1 mm default would be a different simulation
+    with pytest.raises(MedsrError, match="simulates low-dose CT"):
+        degrade_scan(load_ref("pydicom:MR_small.dcm"), "lowdose:1x1,dose=0.25", None, 2)
+
+
+def test_evaluate_scores_tuned_classical_baselines_noise_and_edges(tmp_path: Path) -> None:
+    import csv
+    import json
+
+    from medsr.baselines import available_baselines
+
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_config("lowdose:1x1,dose=0.25", (16, 16)))
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(medsr.cli.app, ["evaluate", DICOM_REF, "--model", str(ckpt), "--degrade",
+                                             "lowdose:1x1,dose=0.25", "--samples", "2", "--steps", "2",
+                                             "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
+    assert set(rows) == {"interpolation", "sample", "mean", *available_baselines()}
+    assert {"nlm", "tv"} <= set(rows)
+    noisy, nlm, tv = (float(rows[m]["psnr"]) for m in ("interpolation", "nlm", "tv"))
+    assert nlm > noisy + 0.5 and tv > noisy + 0.5  # tuned on the truth, they do denoise
+    # noise in uniform regions: the denoisers remove most of the simulated noise; edges are measured
+    assert float(rows["nlm"]["noise_std"]) < 0.7 * float(rows["interpolation"]["noise_std"])
+    assert all(float(r["edge_width_mm"]) > 0 for r in rows.values())
+    summary = json.loads((out / "summary.json").read_text())
+    info = summary["scans"][0]
+    assert info["pixel_mm"] == pytest.approx(0.661468, rel=1e-4)
+    assert info["edge_points"] > 0 and info["uniform_patches"] > 0
+    assert set(info["baseline_strengths"]) == set(available_baselines())
+    assert "nlm" in summary["overall"] and "noiseHU" in res.output
