@@ -227,7 +227,7 @@ def main() -> None:
         data[item.name] = calib.enhance_cached(item, model, opt, Path(args.cache))
         print(f"{item.name}: {data[item.name]['truth'].shape} in {time.perf_counter() - t:.1f} s", flush=True)
     threshold = model.config.data.foreground_threshold
-    stats = [calib.scan_stats(n, "CT", d, threshold) for n, d in data.items()]
+    stats = [calib.scan_stats(n, "CT", d, threshold, model.degradation) for n, d in data.items()]
     final = calib.fit(stats, "std")
     rows: list[dict[str, Any]] = []
     for item, s in zip(items, stats):

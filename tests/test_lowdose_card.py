@@ -38,7 +38,7 @@ def _data(samples_around: str) -> dict[str, np.ndarray]:
 def test_rows_and_verdicts(centre: str, tmp_path: Path) -> None:
     model = tiny_model(tmp_path / "m.pt", "lowdose:1x1,dose=0.25")
     data = _data(centre)
-    stats = calib.scan_stats("CT_small", "CT", data, -0.8)
+    stats = calib.scan_stats("CT_small", "CT", data, -0.8, model.degradation)
     cal = Calibration(1.645, "std")
     rows = slice_rows("CT_small", data, stats, cal, model, 0.661)
     assert len(rows) == 1
