@@ -102,14 +102,11 @@ def enhance(
     """Enhance scans: posterior mean, per-voxel std, 5-95% interval, review figure and report per input."""
     from tqdm import tqdm
 
-    from medsr.enhance import choose_slice_axis
     from medsr.io import load_scan
     from medsr.io.paths import printable
     from medsr.io.refs import resolve_ref
-    from medsr.model import LoadedModel, load_model
-    from medsr.model_choice import AUTO, choose_model, explicit_choice
+    from medsr.model_picker import ModelPicker
     from medsr.outputs import plan_destinations, write_outputs
-    from medsr.runtime import resolve_device, resolve_model
     from medsr.through_plane import enhance_with_choice
 
     try:
@@ -117,15 +114,8 @@ def enhance(
             raise MedsrError(f"--format must be nifti, dicom or both, got {fmt!r}")
         options = SamplingConfig(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device, amp=amp,
                                  project=projection, overlap=overlap, keep_samples=save_samples)
-        loaded_by_name: dict[str, LoadedModel] = {}
-
-        def loaded_model(name_or_path: str) -> LoadedModel:
-            if name_or_path not in loaded_by_name:
-                loaded_by_name[name_or_path] = load_model(resolve_model(name_or_path), device=resolve_device(device))
-            return loaded_by_name[name_or_path]
-
-        if model != AUTO:
-            loaded_model(model)  # a bad --model fails before any scan is read
+        picker = ModelPicker(model, device)
+        picker.check()  # a bad --model (or a shipped model missing from the install) fails before any scan is read
         sources = [resolve_ref(str(p)) for p in inputs]
         spelled = {Path(src).resolve(): str(text) for src, text in zip(sources, inputs)}  # as the user typed it
         plan = plan_destinations(sources, out)  # one folder per input, never on an input
@@ -135,12 +125,7 @@ def enhance(
         for dest in plan:
             path = dest.source
             scan = load_scan(path, series_uid=series_uid, volume_index=volume_index)
-            if model == AUTO:
-                choice = choose_model(scan.spacing, scan.spatial_shape, scan.acquisition_axis)
-                loaded = loaded_model(choice.name)
-            else:
-                loaded = loaded_model(model)
-                choice = explicit_choice(model, loaded.degradation, scan.spacing, choose_slice_axis(scan))
+            loaded, choice = picker.pick_for(scan)
             shown = printable(spelled.get(Path(path).resolve(), str(path)))
             typer.echo(f"{shown}: model {printable(choice.name)} ({choice.task}): {printable(choice.reason)}")
             adapted: dict[str, object] | None = None

@@ -121,6 +121,10 @@ DEFAULT_MODEL_NAME = "default"
 SHIPPED_MODELS: dict[str, ShippedModel] = {
     "default": ShippedModel("default", "default_x4.pt", "inplane", (4, 4),
                             "2D x4 in-plane super-resolution, brain MRI and head CT"),
+    "throughplane_x4": ShippedModel("throughplane_x4", "throughplane_x4.pt", "throughplane", (1, 4),
+                                    "x4 along one axis (thick slices made thin), 2D on the planes that contain the "
+                                    "thick axis, orientations pooled; brain MRI and head CT",
+                                    card="THROUGHPLANE_X4_CARD.md"),
 }
 
 

@@ -191,6 +191,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]
     inplane = write_tiny_checkpoint(tmp_path / "inplane.pt", tiny_config("block:2x2"))
     through = write_tiny_checkpoint(tmp_path / "thick.pt", tiny_config("block:1x4"))
     monkeypatch.setitem(SHIPPED_MODELS, "default", ShippedModel("default", str(inplane), "inplane", (2, 2), "tiny"))
+    monkeypatch.delitem(SHIPPED_MODELS, "throughplane_x4", raising=False)  # the tiny x4 stands in for it
     monkeypatch.setitem(SHIPPED_MODELS, "thick_x4", ShippedModel("thick_x4", str(through), "throughplane", (1, 4),
                                                                  "tiny through-plane"))
     return {"default": inplane, "thick_x4": through}
