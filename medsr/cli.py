@@ -190,8 +190,9 @@ def models(as_json: bool = typer.Option(False, "--json", help="print JSON instea
 @app.command()
 def evaluate(
     inputs: list[Path] = typer.Argument(..., help="high-quality scans (the truth): files, folders, pydicom:NAME"),
-    model: str | None = typer.Option(None, help=_MODEL_HELP),
-    degrade: str = typer.Option(..., help="degradation applied to the truth, e.g. block:4x4 (factors of the model)"),
+    model: str = typer.Option("auto", help=_ENHANCE_MODEL_HELP + "; auto chooses from the degraded input"),
+    degrade: str = typer.Option(..., help="degradation applied to the truth, e.g. block:4x4 (factors of the model), "
+                                          "or thick slices block:1x1x4 (through-plane)"),
     samples: int = typer.Option(_SAMPLING.samples, help="diffusion samples per scan"),
     steps: int = typer.Option(_SAMPLING.steps, help="DDIM steps per sample (model card: steps/samples study)"),
     sampler: str = typer.Option(_SAMPLING.sampler, help="ddim or ddpm"),
@@ -203,24 +204,29 @@ def evaluate(
     """Degrade scans whose truth is known, enhance them, and score interpolation, one sample and the mean."""
     from medsr.evaluate import evaluate_scans, format_table, write_evaluation
     from medsr.io import load_scan
+    from medsr.io.paths import printable
     from medsr.io.refs import resolve_ref
-    from medsr.model import load_model
-    from medsr.runtime import resolve_device, resolve_model
+    from medsr.model_picker import ModelPicker
 
     try:
         from medsr.degrade import parse_spec
 
         parse_spec(degrade)  # a bad spec fails before anything slow
         options = SamplingConfig(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device)
-        loaded = load_model(resolve_model(model), device=resolve_device(device))
+        picker = ModelPicker(model, device)
+        picker.check()
         scans = [load_scan(resolve_ref(str(p))) for p in inputs]
         calib = [load_scan(resolve_ref(str(p))) for p in calibration_split]
-        evaluation = evaluate_scans(scans, loaded, degrade, options, calibration_scans=calib)
+        evaluation = evaluate_scans(scans, picker, degrade, options, calibration_scans=calib)
         write_evaluation(evaluation, out)
     except MedsrError as exc:
         _fail(exc)
         return
     typer.echo(format_table(evaluation))
+    for scan_info in evaluation.summary["scans"]:
+        choice = scan_info["model_choice"]
+        typer.echo(f"{printable(scan_info['name'])}: model {printable(choice['name'])} ({choice['task']}): "
+                   f"{printable(choice['reason'])}")
     typer.echo(f"written: {out}/metrics.csv, summary.json, calibration.png, error_vs_uncertainty.png, compare_*.png")
 
 
