@@ -72,7 +72,6 @@ def train(
 
 
 _SAMPLING = SamplingConfig()  # the defaults every sampling option below shows
-_MODEL_HELP = "shipped model name or medsr checkpoint path (default: the shipped default model)"
 
 
 _ENHANCE_MODEL_HELP = ("auto (default: chosen per scan from its geometry, see `medsr models`), a shipped model "
@@ -235,7 +234,7 @@ def archive(
     src: str = typer.Argument(..., help="archive folder (every NIfTI file and DICOM series under it is enhanced), "
                                         "or a PACS: dicomweb+http://HOST:PORT/PATH (every listed series)"),
     out: Path = typer.Option(..., "--out", help="output folder: mirrors SRC; holds manifest.sqlite, index.html, logs"),
-    model: str | None = typer.Option(None, help=_MODEL_HELP),
+    model: str | None = typer.Option(None, help=_ENHANCE_MODEL_HELP + " (per item)"),
     samples: int | None = typer.Option(None, help=f"diffusion samples per item (default {_SAMPLING.samples})"),
     steps: int | None = typer.Option(None, help=f"DDIM steps per sample (default {_SAMPLING.steps})"),
     workers: int | None = typer.Option(None, help="worker processes on this machine/rank (default 1)"),
@@ -260,6 +259,7 @@ def archive(
 ) -> None:
     """Enhance a whole archive, resumably: medsr archive SRC --out DST. Shards across torchrun ranks or a dask
     cluster; a PACS can be the source and, with --store-back, the destination."""
+    from medsr.model_choice import AUTO
     from medsr.runtime import resolve_model
     from pipelines.archive import format_summary, load_archive_options, run_archive
 
@@ -270,7 +270,9 @@ def archive(
                                     store_back=store_back,
                                     credentials=None if credentials is None else str(credentials),
                                     modality=modality, study_date=study_date, series_description=series_description)
-        opts.model = str(resolve_model(opts.model))
+        if opts.model not in ("", AUTO):
+            opts.model = str(resolve_model(opts.model))  # a shipped name -> its file (workers get a path)
+        opts.model = opts.model or AUTO
         summary = run_archive(src, out, opts)
     except MedsrError as exc:
         _fail(exc)

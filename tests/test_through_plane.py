@@ -340,3 +340,28 @@ def test_evaluate_cli_says_which_model_ran(registry, tmp_path: Path) -> None:
     assert "model thick_x4 (throughplane): thick slices along axis 1" in res.output
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["scans"][0]["model_choice"]["axis"] == 1
+
+
+# --- the archive: the same model choice as enhance ---------------------------------------------------------------
+
+
+def test_archive_auto_runs_through_plane_on_a_thick_item_and_in_plane_on_an_isotropic_one(registry,
+                                                                                       tmp_path: Path) -> None:
+    from pipelines.archive import ArchiveOptions, run_archive
+
+    src = tmp_path / "archive"
+    src.mkdir()
+    truth, low = make_thick(anatomical(), 0)  # real T1, thick slices along the first array axis
+    save_nifti(low.with_array(low.array[:, :, :20, :16]), src / "thick.nii.gz")
+    scan = anatomical()
+    save_nifti(scan.with_array(scan.array[:, :16, :16, :6]), src / "iso.nii.gz")
+    opts = ArchiveOptions(samples=2, steps=1, device="cpu", amp="none", progress=False)
+    assert opts.model == "auto"
+    summary = run_archive(src, tmp_path / "out", opts)
+    assert summary["counts"].get("done") == 2, summary
+    thick = json.loads((tmp_path / "out" / "thick" / "report.json").read_text())
+    assert thick["model"]["choice"]["name"] == "thick_x4" and thick["model"]["choice"]["axis"] == 0
+    assert "thick slices along axis 0" in thick["model"]["choice"]["reason"]
+    assert thick["output"]["scale"] == [4, 1, 1] and thick["model"]["path"] == str(registry["thick_x4"])
+    iso = json.loads((tmp_path / "out" / "iso" / "report.json").read_text())
+    assert iso["model"]["choice"]["name"] == "default" and iso["model"]["choice"]["task"] == "inplane"
