@@ -110,22 +110,34 @@ def run_case(case: Case, model: LoadedModel, opt: EnhanceOptions, adapt_steps: i
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM (Linux; ``ru_maxrss`` is inherited from the parent across
+    fork + exec, so a child started by a big process would report the parent's peak), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def timing(checkpoint: str, size: int, slices: int, samples: int, steps: int) -> dict[str, float]:
     """Enhance a real thick volume (inia19 cropped to size x size x 4 slices, block-averaged x4 along Z) in this
     process; wall time and peak RSS (call in a fresh process: :func:`timing_subprocess`)."""
     torch.set_num_threads(1)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = peak_rss_mb()
     model = load_model(checkpoint)
     hr = centre(load_ref(INIA19, "MR"), max(size, 4 * slices))
     hr = crop_scan(hr, [0, 0, 0], [size, size, 4 * slices])
     low = degrade_scan(hr, "block:1x1x4", model.config.intensity, None, 0).low
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_loaded = peak_rss_mb()
     choice = ModelChoice("checkpoint", "throughplane", 2, 4, "timing")
     opt = SamplingConfig(samples=samples, steps=steps, device="cpu", amp="auto")
     t0 = time.perf_counter()
     result = enhance_with_choice(low, model, choice, opt)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"input": list(low.spatial_shape), "output": list(result.mean.spatial_shape), "samples": samples,
             "steps": steps, "seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": rss0,
             "rss_loaded_mb": rss_loaded, "amp": result.info["amp"]}
