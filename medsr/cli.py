@@ -72,7 +72,6 @@ def train(
 
 
 _SAMPLING = SamplingConfig()  # the defaults every sampling option below shows
-_MODEL_HELP = "shipped model name or medsr checkpoint path (default: the shipped default model)"
 
 
 _ENHANCE_MODEL_HELP = ("auto (default: chosen per scan from its geometry, see `medsr models`), a shipped model "
@@ -102,14 +101,11 @@ def enhance(
     """Enhance scans: posterior mean, per-voxel std, 5-95% interval, review figure and report per input."""
     from tqdm import tqdm
 
-    from medsr.enhance import choose_slice_axis
     from medsr.io import load_scan
     from medsr.io.paths import printable
     from medsr.io.refs import resolve_ref
-    from medsr.model import LoadedModel, load_model
-    from medsr.model_choice import AUTO, choose_model, explicit_choice
+    from medsr.model_picker import ModelPicker
     from medsr.outputs import plan_destinations, write_outputs
-    from medsr.runtime import resolve_device, resolve_model
     from medsr.through_plane import enhance_with_choice
 
     try:
@@ -117,15 +113,8 @@ def enhance(
             raise MedsrError(f"--format must be nifti, dicom or both, got {fmt!r}")
         options = SamplingConfig(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device, amp=amp,
                                  project=projection, overlap=overlap, keep_samples=save_samples)
-        loaded_by_name: dict[str, LoadedModel] = {}
-
-        def loaded_model(name_or_path: str) -> LoadedModel:
-            if name_or_path not in loaded_by_name:
-                loaded_by_name[name_or_path] = load_model(resolve_model(name_or_path), device=resolve_device(device))
-            return loaded_by_name[name_or_path]
-
-        if model != AUTO:
-            loaded_model(model)  # a bad --model fails before any scan is read
+        picker = ModelPicker(model, device)
+        picker.check()  # a bad --model (or a shipped model missing from the install) fails before any scan is read
         sources = [resolve_ref(str(p)) for p in inputs]
         spelled = {Path(src).resolve(): str(text) for src, text in zip(sources, inputs)}  # as the user typed it
         plan = plan_destinations(sources, out)  # one folder per input, never on an input
@@ -135,12 +124,7 @@ def enhance(
         for dest in plan:
             path = dest.source
             scan = load_scan(path, series_uid=series_uid, volume_index=volume_index)
-            if model == AUTO:
-                choice = choose_model(scan.spacing, scan.spatial_shape, scan.acquisition_axis)
-                loaded = loaded_model(choice.name)
-            else:
-                loaded = loaded_model(model)
-                choice = explicit_choice(model, loaded.degradation, scan.spacing, choose_slice_axis(scan))
+            loaded, choice = picker.pick_for(scan)
             shown = printable(spelled.get(Path(path).resolve(), str(path)))
             typer.echo(f"{shown}: model {printable(choice.name)} ({choice.task}): {printable(choice.reason)}")
             adapted: dict[str, object] | None = None
@@ -205,8 +189,9 @@ def models(as_json: bool = typer.Option(False, "--json", help="print JSON instea
 @app.command()
 def evaluate(
     inputs: list[Path] = typer.Argument(..., help="high-quality scans (the truth): files, folders, pydicom:NAME"),
-    model: str | None = typer.Option(None, help=_MODEL_HELP),
-    degrade: str = typer.Option(..., help="degradation applied to the truth, e.g. block:4x4 (factors of the model)"),
+    model: str = typer.Option("auto", help=_ENHANCE_MODEL_HELP + "; auto chooses from the degraded input"),
+    degrade: str = typer.Option(..., help="degradation applied to the truth, e.g. block:4x4 (factors of the model), "
+                                          "or thick slices block:1x1x4 (through-plane)"),
     samples: int = typer.Option(_SAMPLING.samples, help="diffusion samples per scan"),
     steps: int = typer.Option(_SAMPLING.steps, help="DDIM steps per sample (model card: steps/samples study)"),
     sampler: str = typer.Option(_SAMPLING.sampler, help="ddim or ddpm"),
@@ -218,24 +203,29 @@ def evaluate(
     """Degrade scans whose truth is known, enhance them, and score interpolation, one sample and the mean."""
     from medsr.evaluate import evaluate_scans, format_table, write_evaluation
     from medsr.io import load_scan
+    from medsr.io.paths import printable
     from medsr.io.refs import resolve_ref
-    from medsr.model import load_model
-    from medsr.runtime import resolve_device, resolve_model
+    from medsr.model_picker import ModelPicker
 
     try:
         from medsr.degrade import parse_spec
 
         parse_spec(degrade)  # a bad spec fails before anything slow
         options = SamplingConfig(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device)
-        loaded = load_model(resolve_model(model), device=resolve_device(device))
+        picker = ModelPicker(model, device)
+        picker.check()
         scans = [load_scan(resolve_ref(str(p))) for p in inputs]
         calib = [load_scan(resolve_ref(str(p))) for p in calibration_split]
-        evaluation = evaluate_scans(scans, loaded, degrade, options, calibration_scans=calib)
+        evaluation = evaluate_scans(scans, picker, degrade, options, calibration_scans=calib)
         write_evaluation(evaluation, out)
     except MedsrError as exc:
         _fail(exc)
         return
     typer.echo(format_table(evaluation))
+    for scan_info in evaluation.summary["scans"]:
+        choice = scan_info["model_choice"]
+        typer.echo(f"{printable(scan_info['name'])}: model {printable(choice['name'])} ({choice['task']}): "
+                   f"{printable(choice['reason'])}")
     typer.echo(f"written: {out}/metrics.csv, summary.json, calibration.png, error_vs_uncertainty.png, compare_*.png")
 
 
@@ -244,7 +234,7 @@ def archive(
     src: str = typer.Argument(..., help="archive folder (every NIfTI file and DICOM series under it is enhanced), "
                                         "or a PACS: dicomweb+http://HOST:PORT/PATH (every listed series)"),
     out: Path = typer.Option(..., "--out", help="output folder: mirrors SRC; holds manifest.sqlite, index.html, logs"),
-    model: str | None = typer.Option(None, help=_MODEL_HELP),
+    model: str | None = typer.Option(None, help=_ENHANCE_MODEL_HELP + " (per item)"),
     samples: int | None = typer.Option(None, help=f"diffusion samples per item (default {_SAMPLING.samples})"),
     steps: int | None = typer.Option(None, help=f"DDIM steps per sample (default {_SAMPLING.steps})"),
     workers: int | None = typer.Option(None, help="worker processes on this machine/rank (default 1)"),
@@ -269,6 +259,7 @@ def archive(
 ) -> None:
     """Enhance a whole archive, resumably: medsr archive SRC --out DST. Shards across torchrun ranks or a dask
     cluster; a PACS can be the source and, with --store-back, the destination."""
+    from medsr.model_choice import AUTO
     from medsr.runtime import resolve_model
     from pipelines.archive import format_summary, load_archive_options, run_archive
 
@@ -279,7 +270,9 @@ def archive(
                                     store_back=store_back,
                                     credentials=None if credentials is None else str(credentials),
                                     modality=modality, study_date=study_date, series_description=series_description)
-        opts.model = str(resolve_model(opts.model))
+        if opts.model not in ("", AUTO):
+            opts.model = str(resolve_model(opts.model))  # a shipped name -> its file (workers get a path)
+        opts.model = opts.model or AUTO
         summary = run_archive(src, out, opts)
     except MedsrError as exc:
         _fail(exc)

@@ -8,7 +8,8 @@ normalisation, so they mean the same thing in scan units.
 
 A spec string names a degradation everywhere (configs, ``medsr evaluate --degrade``):
 ``KIND:FxFxF[,key=value...]``, e.g. ``block:4x4``, ``block:1x1x4,sigma=1.0``, ``kspace:4x4,noise=0.02``,
-``lowdose:1x1,dose=0.25`` (pure denoising), ``lowdose:2x2,dose=0.25`` (low dose and thick voxels).
+``lowdose:1x1,dose=0.25`` (pure denoising), ``lowdose:2x2,dose=0.25`` (low dose and thick voxels),
+``block:1x4,profile=gaussian`` (thick slices with a Gaussian slice profile instead of a box).
 
 "lowdose" is a realistic CT simulator (Poisson counts in a parallel-beam sinogram, FBP; see
 :func:`low_dose_noise_hu` and :class:`LowDoseModel`); it works in HU, through the CT window of the normalisation.
@@ -16,6 +17,7 @@ A spec string names a degradation everywhere (configs, ``medsr evaluate --degrad
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ __all__ = [
     "apply_degradation",
     "block_average",
     "block_average_adjoint",
+    "profile_matrices",
+    "apply_profile",
     "kspace_truncate",
     "kspace_zero_fill",
     "psf_blur",
@@ -50,6 +54,7 @@ __all__ = [
 ]
 
 KINDS = ("block", "kspace", "lowdose")
+PROFILES = ("box", "gaussian")  # slice profile of a block average: box (default) or Gaussian, FWHM = the block
 CT_WINDOW = (-1024.0, 1024.0)  # HU mapped to [-1, 1] (medsr.intensity.IntensityConfig default)
 
 
@@ -64,6 +69,9 @@ class DegradeSpec:
         sigma: Gaussian point-spread blur (std, in fine voxels) applied before block averaging.
         noise: Rician noise std (normalised units) after k-space truncation.
         dose: dose fraction in (0, 1] of the full-dose photon count, for "lowdose" (see :class:`LowDoseModel`).
+        profile: slice profile of a "block" average: "box" (each coarse voxel the plain mean of its block, the
+            default) or "gaussian" (a Gaussian weighting of the fine voxels centred on the block, FWHM = the
+            factor: a real MR slice profile is closer to this than to a box; :func:`profile_matrices`).
     """
 
     kind: str = "block"
@@ -71,6 +79,7 @@ class DegradeSpec:
     sigma: float = 0.0
     noise: float = 0.0
     dose: float = 1.0
+    profile: str = "box"
     options: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     def __str__(self) -> str:
@@ -79,6 +88,8 @@ class DegradeSpec:
             value = getattr(self, key)
             if value != default:
                 text += f",{key}={value:g}"
+        if self.profile != "box":
+            text += f",profile={self.profile}"
         return text
 
     @property
@@ -93,9 +104,10 @@ class DegradeSpec:
     @property
     def white_noise_gain(self) -> float | None:
         """By how much white noise's std at the fine grid exceeds its std after A: ``sqrt(prod(factors))`` for
-        a plain block average or k-space truncation; None where the input's noise says nothing simple about the
-        truth's (blur, added noise, low dose)."""
-        plain = self.kind == "block" and self.sigma == 0.0 or self.kind == "kspace" and self.noise == 0.0
+        a plain (box) block average or k-space truncation; None where the input's noise says nothing simple about
+        the truth's (blur, a Gaussian slice profile, added noise, low dose)."""
+        plain = (self.kind == "block" and self.sigma == 0.0 and self.profile == "box"
+                 or self.kind == "kspace" and self.noise == 0.0)
         return math.sqrt(math.prod(self.factors)) if plain else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +122,8 @@ class DegradeSpec:
         _check_shape(x, self.factors)
         if self.kind == "kspace":
             return kspace_truncate(x, self.factors)
+        if self.profile == "gaussian":
+            return apply_profile(psf_blur(x, self.sigma) if self.sigma > 0 else x, self.factors, inverse=False)
         return block_average(psf_blur(x, self.sigma) if self.sigma > 0 else x, self.factors)
 
     def right_inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -118,6 +132,8 @@ class DegradeSpec:
             return kspace_zero_fill(y, self.factors)
         if self.sigma > 0:
             raise MedsrError(f"degradation {self}: a blurred block average has no exact right inverse")
+        if self.profile == "gaussian":
+            return apply_profile(y, self.factors, inverse=True)
         return block_average_adjoint(y, self.factors)
 
     def project(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -140,7 +156,9 @@ def parse_spec(text: str | DegradeSpec) -> DegradeSpec:
         kind, rest = str(text).split(":", 1)
         parts = rest.split(",")
         factors = tuple(int(f) for f in parts[0].lower().split("x"))
-        opts = {k.strip(): float(v) for k, v in (p.split("=", 1) for p in parts[1:] if p.strip())}
+        pairs = {k.strip().lower(): v.strip() for k, v in (p.split("=", 1) for p in parts[1:] if p.strip())}
+        profile = pairs.pop("profile", "box").lower()
+        opts = {k: float(v) for k, v in pairs.items()}
     except ValueError:
         raise MedsrError(f"degradation spec {text!r}: expected KIND:FxF[xF][,key=value], e.g. 'block:4x4'") from None
     kind = kind.strip().lower()
@@ -151,10 +169,14 @@ def parse_spec(text: str | DegradeSpec) -> DegradeSpec:
     unknown = set(opts) - {"sigma", "noise", "dose"}
     if unknown:
         raise MedsrError(f"degradation spec {text!r}: unknown options {sorted(unknown)}")
+    if profile not in PROFILES:
+        raise MedsrError(f"degradation spec {text!r}: profile must be one of {PROFILES}")
+    if profile != "box" and kind != "block":
+        raise MedsrError(f"degradation spec {text!r}: a slice profile applies to block averages only")
     dose = opts.get("dose", 1.0)
     if not 0.0 < dose <= 1.0:
         raise MedsrError(f"degradation spec {text!r}: dose must be in (0, 1]")
-    return DegradeSpec(kind, factors, opts.get("sigma", 0.0), opts.get("noise", 0.0), dose)
+    return DegradeSpec(kind, factors, opts.get("sigma", 0.0), opts.get("noise", 0.0), dose, profile)
 
 
 @dataclass(frozen=True)
@@ -208,6 +230,43 @@ def block_average_adjoint(y: torch.Tensor, factors: Sequence[int]) -> torch.Tens
     out = y
     for axis, f in enumerate(factors):
         out = out.repeat_interleave(int(f), dim=2 + axis)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def profile_matrices(n_fine: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """The Gaussian slice-profile operator along one axis and its right inverse, ``(n/f, n)`` and ``(n, n/f)``.
+
+    Coarse voxel ``j`` records the fine voxels weighted by a Gaussian centred on its block's centre
+    (``j f + (f-1)/2``) with FWHM ``f`` fine voxels (the thick slice's spacing). Rows are normalised to sum to
+    one over the voxels inside the image, so a constant keeps its value (also at the edges, where the profile
+    is cut). The right inverse is the minimum-norm one, ``Aᵀ(AAᵀ)⁻¹``, so ``A A⁺ = I`` (exact data consistency).
+    """
+    if n_fine % factor:
+        raise MedsrError(f"image size {n_fine} is not divisible by the factor {factor}")
+    sigma = factor / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    centres = np.arange(n_fine // factor) * factor + (factor - 1) / 2.0
+    d = np.arange(n_fine)[None, :] - centres[:, None]
+    a = np.exp(-0.5 * (d / sigma) ** 2)
+    a[a < 1e-12] = 0.0
+    a /= a.sum(1, keepdims=True)
+    pinv = a.T @ np.linalg.inv(a @ a.T)
+    return a, pinv
+
+
+def apply_profile(x: torch.Tensor, factors: Sequence[int], inverse: bool) -> torch.Tensor:
+    """The Gaussian slice profile along every axis whose factor is above 1 (``inverse``: its right inverse),
+    on ``(B, C, *spatial)``; axes with factor 1 are left alone."""
+    out = x
+    for axis, f in enumerate(int(f) for f in factors):
+        if f == 1:
+            continue
+        dim = 2 + axis
+        n_fine = out.shape[dim] if not inverse else out.shape[dim] * f
+        a, pinv = profile_matrices(n_fine, f)
+        mat = torch.as_tensor(pinv if inverse else a, dtype=torch.float64, device=out.device)
+        moved = out.movedim(dim, -1)
+        out = (moved.double() @ mat.T).to(x.dtype).movedim(-1, dim)
     return out
 
 

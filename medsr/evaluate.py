@@ -24,6 +24,13 @@ the posterior mean. All metrics are in normalised units (the truth's normaliser,
   in uniform regions (HU) and the 10-90% bone-edge width (mm) of :mod:`medsr.image_quality`, with the truth's
   own values in ``info``.
 
+Which model runs is decided as ``medsr enhance`` decides it (:class:`medsr.model_picker.ModelPicker`), from the
+geometry of the degraded input: a thick-slice degradation (a 3D block average along one axis, e.g.
+``block:1x1x4`` or ``block:4x1x1``) gives thick slices, so ``auto`` runs the through-plane model along that axis
+(:func:`medsr.through_plane.enhance_with_choice`, both orientations pooled); its baseline is cubic interpolation
+along the thick axis with the same centring (:func:`medsr.through_plane.cubic_along`), and its metrics are 3D.
+Every scan's summary says which model ran and why (``model_choice``).
+
 Figures are drawn by :mod:`medsr.review`.
 """
 
@@ -60,8 +67,11 @@ from medsr.intensity import IntensityConfig, Normaliser, fit_normaliser
 from medsr.io.paths import atomic_path
 from medsr.io.scan import Scan, coarse_affine, crop_to_factors
 from medsr.model import LoadedModel
+from medsr.model_choice import ModelChoice
+from medsr.model_picker import ModelPicker
 from medsr.noise_floor import fine_noise_sigma
 from medsr.review import write_evaluation_figures
+from medsr.through_plane import cubic_along, enhance_with_choice
 from medsr.uncertainty import (
     calibrate_scale,
     coverage,
@@ -72,8 +82,8 @@ from medsr.uncertainty import (
     spearman,
 )
 
-__all__ = ["Degraded", "degrade_scan", "pixel_size", "slice_scores", "ScanEvaluation", "Evaluation", "evaluate_scans",
-           "write_evaluation", "format_table", "METHODS"]
+__all__ = ["Degraded", "degrade_scan", "pixel_size", "thick_slice_axis", "slice_scores", "ScanEvaluation",
+           "Evaluation", "evaluate_scans", "write_evaluation", "format_table", "METHODS"]
 
 METHODS = ("interpolation", "sample", "mean")  # every task; the denoise task adds its tuned baselines
 BONE_HU = 300.0  # CT: bone edges for the edge-width measure are the boundary of truth > 300 HU
@@ -280,13 +290,50 @@ def _quality(pred_scan: np.ndarray, regions: _Regions, axis: int | None) -> dict
             "edge_width_mm": float(np.mean(widths)) if widths else math.nan}
 
 
-def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceOptions, seed: int,
-                  name: str, progress: Callable[[int, int], None] | None) -> ScanEvaluation:
-    cfg = model.config
+def thick_slice_axis(spec: DegradeSpec) -> int | None:
+    """The axis a 3D block average along exactly one axis makes thick (``block:1x1x4`` → 2); None otherwise."""
+    coarse = [a for a, f in enumerate(spec.factors) if f > 1]
+    if spec.kind == "block" and spec.spatial_dims == 3 and len(coarse) == 1:
+        return coarse[0]
+    return None
+
+
+def _pick(hr: Scan, spec: DegradeSpec, picker: ModelPicker) -> tuple[LoadedModel, ModelChoice, int | None]:
+    """The model for ``hr`` degraded by ``spec``, chosen from the degraded input's geometry; the slice axis of a
+    2D evaluation (None for 3D). A model that cannot undo ``spec`` is refused with the reason of the choice."""
+    thick = thick_slice_axis(spec)
     axis = choose_slice_axis(hr) if spec.spatial_dims == 2 else None
+    factors = volume_factors(spec, axis)
+    low_shape = [max(1, n // f) for n, f in zip(hr.spatial_shape, factors)]
+    low_spacing = [s * f for s, f in zip(hr.spacing, factors)]
+    model, choice = picker.pick(low_spacing, low_shape, hr.acquisition_axis, axis if axis is not None else 2)
+    ms = model.degradation
+    if thick is not None:
+        factor = spec.factors[thick]
+        if choice.task != "throughplane":
+            raise MedsrError(f"{hr.source}: {spec} makes thick slices along axis {thick}, but the model chosen is "
+                             f"not a through-plane one ({choice.name}: {choice.reason})")
+        if (ms.kind, max(ms.factors), ms.profile, ms.sigma) != (spec.kind, factor, spec.profile, spec.sigma):
+            raise MedsrError(f"degradation {spec} is not what model {choice.name} undoes ({ms}, along one axis)")
+        return model, replace(choice, axis=thick, factor=factor), None
+    if spec.spatial_dims != ms.spatial_dims or tuple(spec.factors) != tuple(ms.factors):
+        raise MedsrError(f"degradation {spec} has factors {tuple(spec.factors)} but the model was trained for "
+                         f"{ms} (factors {tuple(ms.factors)}); use the same factors (model {choice.name}: "
+                         f"{choice.reason})")
+    return model, choice, axis
+
+
+def _evaluate_one(hr: Scan, picker: ModelPicker, spec: DegradeSpec, opt: EnhanceOptions, seed: int,
+                  name: str, progress: Callable[[int, int], None] | None) -> ScanEvaluation:
+    model, choice, axis = _pick(hr, spec, picker)
+    cfg = model.config
     deg = degrade_scan(hr, spec, cfg.intensity, axis, seed)
     t0 = time.perf_counter()
-    result = enhance_scan(deg.low, model, replace(opt, keep_samples=True, slice_axis=axis), progress)
+    through = thick_slice_axis(spec) is not None
+    if through:
+        result = enhance_with_choice(deg.low, model, choice, replace(opt, keep_samples=True), progress)
+    else:
+        result = enhance_scan(deg.low, model, replace(opt, keep_samples=True, slice_axis=axis), progress)
     enhance_s = time.perf_counter() - t0
     norm, truth = deg.norm, deg.truth_norm
     half = 0.5 * (norm.hi - norm.lo)
@@ -297,7 +344,9 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
     if mean.shape != truth.shape:
         raise MedsrError(f"{hr.source}: enhanced shape {mean.shape} differs from the truth's {truth.shape}")
     low_items = _items(deg.low_norm, axis)
-    answers = {"interpolation": _volume(upsample(low_items, spec.factors), axis), "sample": samples[0], "mean": mean}
+    interp = (cubic_along(deg.low_norm, choice.axis, choice.factor) if through
+              else _volume(upsample(low_items, spec.factors), axis))
+    answers = {"interpolation": interp, "sample": samples[0], "mean": mean}
     body = truth > cfg.data.foreground_threshold
     denoise_task = spec.kind == "lowdose"
     strengths: dict[str, list[float]] = {}
@@ -330,7 +379,7 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
                                                         cal.std_factor, half, noise)
     for row in rows:
         row.update(posterior if row["method"] == "mean" else {key: math.nan for key in posterior})
-    view = axis if axis is not None else 2
+    view = axis if axis is not None else (0 if through and choice.axis != 0 else 1 if through else 2)
     index = _pick_slice(body, view)
     planes = {"truth": truth, "interpolation": answers["interpolation"], "sample": samples[0], "mean": mean,
               "std": std, "error": np.abs(mean - truth)}
@@ -340,7 +389,12 @@ def _evaluate_one(hr: Scan, model: LoadedModel, spec: DegradeSpec, opt: EnhanceO
             "normaliser": norm.to_dict(), "body_voxels": int(body.sum()), "interval_method": result.interval_method,
             "uncertainty_score": result.score.value, "enhance_s": round(enhance_s, 3),
             "refit_basis": "std_noise" if noise is not None else "std",
-            "truth_consistency_mae": float((spec.forward(truth_items) - low_items).abs().mean())}
+            "truth_consistency_mae": float((spec.forward(truth_items) - low_items).abs().mean()),
+            "interpolation": f"cubic along axis {choice.axis}" if through else
+            "bicubic" if spec.spatial_dims == 2 else "trilinear",
+            "model": {"path": model.path, "sha256": model.sha256, "step": model.step},
+            "model_choice": {"name": choice.name, "task": choice.task, "axis": choice.axis, "factor": choice.factor,
+                             "reason": choice.reason}}
     if regions is not None:
         info.update({"pixel_mm": regions.pixel_mm, "baseline_strengths": strengths,
                      "truth_quality": _quality(deg.truth.array[0], regions, axis),
@@ -373,30 +427,31 @@ def _refit(fit_on: list[ScanEvaluation], evaluated: list[ScanEvaluation]) -> dic
     return out
 
 
-def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | DegradeSpec,
+def evaluate_scans(scans: Sequence[Scan], model: LoadedModel | ModelPicker, degrade: str | DegradeSpec,
                    options: EnhanceOptions | None = None, calibration_scans: Sequence[Scan] = (),
                    progress: Callable[[int, int], None] | None = None) -> Evaluation:
-    """Degrade each high-quality scan with ``degrade``, enhance it with ``model`` and score it (module docstring).
+    """Degrade each high-quality scan with ``degrade``, enhance it with ``model`` (a loaded model, or a
+    :class:`~medsr.model_picker.ModelPicker`: ``auto`` chooses per scan) and score it (module docstring).
 
     ``calibration_scans`` (a split held out from ``scans``, by scan) are enhanced only to refit λ per modality;
     without them λ is refitted in-sample on ``scans`` (and says so).
     """
     opt = options or EnhanceOptions()
     spec = parse_spec(degrade)
-    model_spec = parse_spec(model.config.degrade)
-    if spec.spatial_dims != model_spec.spatial_dims or tuple(spec.factors) != tuple(model_spec.factors):
-        raise MedsrError(f"degradation {spec} has factors {tuple(spec.factors)} but the model was trained for "
-                         f"{model_spec} (factors {tuple(model_spec.factors)}); use the same factors")
+    picker = model if isinstance(model, ModelPicker) else ModelPicker(model.path, opt.device, {model.path: model})
     if not scans:
         raise MedsrError("no scans to evaluate")
+    for scan in scans:  # a model that cannot undo the degradation fails before anything slow
+        _pick(scan, spec, picker)
     evaluated, names = [], set()
     for i, scan in enumerate(scans):
         name = scan.name if scan.name not in names else f"{scan.name}_{i}"
         names.add(name)
-        evaluated.append(_evaluate_one(scan, model, spec, opt, opt.seed + 7919 * i, name, progress))
-    calib = [_evaluate_one(s, model, spec, opt, opt.seed + 104729 + 7919 * i, f"calib_{i}", progress)
+        evaluated.append(_evaluate_one(scan, picker, spec, opt, opt.seed + 7919 * i, name, progress))
+    calib = [_evaluate_one(s, picker, spec, opt, opt.seed + 104729 + 7919 * i, f"calib_{i}", progress)
              for i, s in enumerate(calibration_scans)]
     methods = list(dict.fromkeys(r["method"] for s in evaluated for r in s.rows))  # METHODS, then baselines
+    first, _, _ = _pick(scans[0], spec, picker)
     overall = {m: {key: _mean([r[key] for s in evaluated for r in s.rows if r["method"] == m])
                    for key in evaluated[0].rows[0] if key not in ("scan", "method")} for m in methods}
     for m in methods:
@@ -409,21 +464,22 @@ def evaluate_scans(scans: Sequence[Scan], model: LoadedModel, degrade: str | Deg
     mean_rows = [r for s in evaluated for r in s.rows if r["method"] == "mean"]
     summary = {
         "medsr_version": __version__,
-        "model": {"path": model.path, "sha256": model.sha256, "step": model.step, "trained_for": model.config.degrade,
-                  "calibration": model.calibration.to_report()},
+        "model": {"path": first.path, "sha256": first.sha256, "step": first.step, "trained_for": first.config.degrade,
+                  "calibration": first.calibration.to_report(),
+                  "choice": evaluated[0].info["model_choice"]},  # per scan: scans[i].model_choice
         "degradation": str(spec),
         "sampling": {"sampler": opt.sampler, "steps": opt.steps, "samples": opt.samples, "seed": opt.seed,
                      "data_consistency_projection": opt.project},
         "metrics": {"units": "normalised (truth's normaliser, data range 2)",
                     "interpolation": ("the noisy input itself (denoise task)" if spec.kind == "lowdose" else
-                                      "bicubic" if spec.spatial_dims == 2 else "trilinear"),
+                                      evaluated[0].info["interpolation"]),
                     "baselines": ("classical denoisers (medsr.baselines), strength tuned per slice on the truth's "
                                   "PSNR" if spec.kind == "lowdose" else "none"),
                     "noise_std": "std in the 10% most uniform 8x8 patches inside the body (truth's gradient), "
                                  "RMS over patches, scan units (HU)",
                     "edge_width_mm": f"10-90% width of the mean profile across the truth's strongest edges of "
                                      f"truth > {BONE_HU:g} HU (mm)",
-                    "body": f"truth > {model.config.data.foreground_threshold} (normalised)",
+                    "body": f"truth > {first.config.data.foreground_threshold} (normalised)",
                     "consistency": "mean/max |A(output) - input|, A = the spec's noise-free operator",
                     "spearman": f"per-patch std vs |error of mean|, {PATCH}-voxel patches >= half body",
                     "halfwidth": "mean half-width of the model's calibrated 90% interval in the body (scan units; "

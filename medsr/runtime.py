@@ -125,6 +125,10 @@ SHIPPED_MODELS: dict[str, ShippedModel] = {
     "lowdose_ct": ShippedModel("lowdose_ct", "lowdose_ct.pt", "denoise", (1, 1),
                                "2D quarter-dose CT denoiser (sinogram-simulated noise), output grid = input grid",
                                ("CT",), auto=False, card="LOWDOSE_CT_CARD.md"),
+    "throughplane_x4": ShippedModel("throughplane_x4", "throughplane_x4.pt", "throughplane", (1, 4),
+                                    "x4 along one axis (thick slices made thin), 2D on the planes that contain the "
+                                    "thick axis, orientations pooled; brain MRI and head CT",
+                                    card="THROUGHPLANE_X4_CARD.md"),
 }
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from medsr.config import SamplingConfig
-from medsr.degrade import DegradeSpec, block_average, upsample
+from medsr.degrade import DegradeSpec, upsample
 from medsr.enhance import EnhanceResult, enhance_scan
 from medsr.errors import MedsrError
 from medsr.intensity import fit_normaliser
@@ -156,7 +156,8 @@ def enhance_through_plane(scan: Scan, model: LoadedModel, options: SamplingConfi
         noise = float(fine_noise_sigma(planes, spec).mean()) * half_range
     q05, q95, method = _interval(mean, raw_std.astype(np.float32), samples, cal, noise)
     std = (raw_std * c).astype(np.float32)
-    consistency = _consistency(mean, work.array[0], (factor, 1, 1) if target == 0 else (1, 1, factor), half_range)
+    volume_spec = replace(spec, factors=(factor, 1, 1) if target == 0 else (1, 1, factor))  # same slice profile
+    consistency = _consistency(mean, work.array[0], volume_spec, half_range)
     body = norm.normalise(mean) > model.config.data.foreground_threshold
     score = uncertainty_score(0.5 * (q95 - q05) / half_range, std / half_range, body, half_range)
 
@@ -196,11 +197,11 @@ def _interval(mean: np.ndarray, raw_std: np.ndarray, samples: np.ndarray | None,
     return lo, hi, method
 
 
-def _consistency(mean: np.ndarray, low: np.ndarray, factors: tuple[int, int, int],
-                 half_range: float) -> dict[str, float]:
-    """Block-average the pooled mean along the thick axis and compare with the input, in scan units and as a
-    fraction of the normalised range (as :func:`medsr.enhance.enhance_scan` reports it)."""
-    redeg = block_average(torch.from_numpy(mean)[None, None], factors)[0, 0].numpy()
+def _consistency(mean: np.ndarray, low: np.ndarray, spec: DegradeSpec, half_range: float) -> dict[str, float]:
+    """Degrade the pooled mean along the thick axis (the model's operator, its slice profile included) and
+    compare with the input, in scan units and as a fraction of the normalised range (as
+    :func:`medsr.enhance.enhance_scan` reports it)."""
+    redeg = spec.forward(torch.from_numpy(mean).double()[None, None])[0, 0].numpy()
     err = np.abs(redeg.astype(np.float64) - low)
     return {"mean_abs_error": float(err.mean()), "max_abs_error": float(err.max()),
             "relative_mean_abs_error": float(err.mean() / (2.0 * half_range))}

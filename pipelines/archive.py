@@ -58,7 +58,7 @@ from medsr.config import build_dataclass
 from medsr.enhance import EnhanceOptions
 from medsr.errors import MedsrError
 from medsr.io import atomic_path
-from medsr.model import LoadedModel, load_model
+from medsr.model_picker import ModelPicker
 from medsr.runtime import resolve_device
 from pipelines import dicomweb
 from pipelines.discover import discover
@@ -78,7 +78,8 @@ class ArchiveOptions:
     """How to run an archive; a YAML file given to ``--config`` maps onto it field for field.
 
     Attributes:
-        model: medsr checkpoint; "" means the model shipped with medsr (filled in by the CLI).
+        model: "auto" (each item's model chosen from its geometry, as ``medsr enhance --model auto``: thick
+            slices → the shipped through-plane model) or a medsr checkpoint path (the CLI resolves names).
         samples, steps, seed, amp: sampling, as for ``medsr enhance``.
         device: auto (GPU ``LOCAL_RANK`` when CUDA is present, else CPU), cpu, cuda or cuda:N.
         format: auto (both NIfTI and DICOM for DICOM input, NIfTI for NIfTI input), nifti, dicom or both.
@@ -97,7 +98,7 @@ class ArchiveOptions:
         worklist_every_s: rebuild index.html at most this often while items finish (and always at the end).
     """
 
-    model: str = ""
+    model: str = "auto"
     samples: int = 8
     steps: int = 10
     seed: int = 0
@@ -320,7 +321,7 @@ def _runner(task: dict[str, Any]) -> Any:
     return dicomweb.process_remote if "remote" in task else process
 
 
-def _executor(opt: ArchiveOptions, settings: WorkerSettings, model: LoadedModel | None) -> Executor:
+def _executor(opt: ArchiveOptions, settings: WorkerSettings, model: ModelPicker | None) -> Executor:
     if opt.engine == "dask":
         from pipelines.dask_engine import DaskExecutor
 
@@ -333,7 +334,7 @@ def _executor(opt: ArchiveOptions, settings: WorkerSettings, model: LoadedModel 
 
 
 def _work(manifest: Manifest, src: _Source, dst: Path, rank: int, world: int, opt: ArchiveOptions,
-          settings: WorkerSettings, model: LoadedModel | None) -> dict[str, Any]:
+          settings: WorkerSettings, model: ModelPicker | None) -> dict[str, Any]:
     """Claim and enhance this shard's pending items; returns what this run did."""
     mine = [r for r in manifest.rows() if shard_of(r["key"], world) == rank]
     queue = deque(r["id"] for r in mine if r["state"] == "pending")
@@ -530,7 +531,10 @@ def run_archive(src: str | os.PathLike[str], dst: str | os.PathLike[str], option
     source, dst_p = _source(src, dst, opt)
     rank, world = _rank_world(rank, world)
     device = _device(opt.device)
-    model = load_model(opt.model, device=device)  # a bad checkpoint fails before anything is written
+    picker = ModelPicker(opt.model, device)
+    picker.check()  # a bad checkpoint (or a shipped model missing from the install) fails before anything is written
+    model_label = ("auto (chosen per item)" if picker.auto
+                   else f"{Path(opt.model).name} (step {picker.load(opt.model).step})")
     sampling = EnhanceOptions(samples=opt.samples, steps=opt.steps, seed=opt.seed, device=device, amp=opt.amp)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -551,8 +555,8 @@ def run_archive(src: str | os.PathLike[str], dst: str | os.PathLike[str], option
             manifest.set_meta("source", source.label)
         elif known != source.label:
             raise MedsrError(f"{dst}: holds the outputs of another archive ({known}); choose another --out")
-        log.info("start: model %s (step %d), %d sample(s) x %d step(s), device %s, %s engine, %d worker(s), "
-                 "shard %d of %d", Path(opt.model).name, model.step, opt.samples, opt.steps, device, opt.engine,
+        log.info("start: model %s, %d sample(s) x %d step(s), device %s, %s engine, %d worker(s), "
+                 "shard %d of %d", model_label, opt.samples, opt.steps, device, opt.engine,
                  opt.workers, rank, world)
         _discover(manifest, source, dst_p, opt)
         with _lock(dst_p / _INTERNAL / "locks" / f"shard-{rank}-of-{world}.lock", wait_for_it=False):
@@ -560,7 +564,7 @@ def run_archive(src: str | os.PathLike[str], dst: str | os.PathLike[str], option
             if opt.store_back:
                 _store_leftovers(manifest, source, dst_p, rank, world)
             run = _work(manifest, source, dst_p, rank, world, opt, settings,
-                        model if opt.workers <= 1 else None)
+                        picker if opt.workers <= 1 else None)
         summary = summarise(manifest, opt.review_top, run)
         with atomic_path(dst_p / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))

@@ -2,6 +2,7 @@
 
     python -m pipelines.export_model CHECKPOINT --name default --calibration-json CAL.json
     python -m pipelines.export_model CHECKPOINT --name lowdose_ct --calibration-json CAL.json
+    python -m pipelines.export_model CHECKPOINT --name throughplane_x4 --calibration-json CAL.json
 
 ``--name`` is an entry of :data:`medsr.runtime.SHIPPED_MODELS`: the file written is that entry's (unless
 ``--out``) and the provenance records its training recipe. ``CAL.json`` is a per-modality calibration as
@@ -22,7 +23,8 @@ from medsr.runtime import shipped_model
 from medsr.uncertainty import ModelCalibration
 
 # the training recipe of each shipped model (what its card's "exact command" says)
-RECIPES = {"default": "medsr train configs/default_model.yaml", "lowdose_ct": "medsr train configs/lowdose_ct.yaml"}
+RECIPES = {"default": "medsr train configs/default_model.yaml", "lowdose_ct": "medsr train configs/lowdose_ct.yaml",
+           "throughplane_x4": "medsr train configs/throughplane_x4.yaml"}
 
 
 def export_shipped(checkpoint: str | os.PathLike[str], name: str, calibration: float | dict[str, Any] |

@@ -2,8 +2,10 @@
 
 An item is written into its own staging folder (``OUT/.medsr-archive/staging/<key>/``) by ``write_outputs`` and
 renamed into place only once complete, so a folder in the mirrored tree is always a finished output, whatever
-moment the run is killed at. Worker processes load the model once (:func:`init_worker`) and never open the
-manifest; the main process of the rank records what comes back.
+moment the run is killed at. Worker processes load each model once (:func:`init_worker`, a
+:class:`medsr.model_picker.ModelPicker`) and never open the manifest; the main process of the rank records what
+comes back. The model of an item is chosen as ``medsr enhance`` chooses it: ``auto`` from the item's geometry
+(thick slices → the through-plane model), else the one given; report.json says which ran and why.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from typing import Any
 
 import torch
 
-from medsr.degrade import parse_spec
-from medsr.enhance import EnhanceOptions, choose_slice_axis, enhance_scan
+from medsr.enhance import EnhanceOptions
 from medsr.errors import Category, MedsrError
 from medsr.io import Scan, load_dicom_files, load_scan, patient_identifiers
-from medsr.model import LoadedModel, load_model
+from medsr.model import LoadedModel
+from medsr.model_choice import ModelChoice
+from medsr.model_picker import ModelPicker
 from medsr.outputs import write_outputs
-from medsr.runtime import resolve_device
+from medsr.through_plane import enhance_with_choice
 
 __all__ = ["WorkerSettings", "init_worker", "process", "categorise", "CATEGORY_LABELS"]
 
@@ -54,7 +57,7 @@ def categorise(error: MedsrError) -> str:
 class WorkerSettings:
     """What every worker needs besides the item: the model and how to sample and write."""
 
-    model_path: str
+    model_path: str  # "auto" (chosen per item from its geometry), or a checkpoint path
     options: EnhanceOptions
     formats: str = "auto"  # auto: both for DICOM input, nifti for NIfTI
     min_size: int = 8
@@ -64,14 +67,20 @@ class WorkerSettings:
 _STATE: dict[str, Any] = {}
 
 
-def init_worker(settings: WorkerSettings, model: LoadedModel | None = None) -> None:
-    """Load the model once per process (or take one already loaded, when the main process does the work)."""
+def init_worker(settings: WorkerSettings, model: LoadedModel | ModelPicker | None = None) -> None:
+    """Set up this process's model picker (models load on first use, once each), or take the main process's
+    (a picker, or one model already loaded for ``settings.model_path``)."""
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     if model is None:  # a pool worker: end with the main process, even when that one is killed with -9
         _die_with_parent()
-        model = load_model(settings.model_path, device=resolve_device(settings.options.device))
-    _STATE.update(settings=settings, model=model)
+        picker = ModelPicker(settings.model_path, settings.options.device)
+        picker.check()
+    elif isinstance(model, ModelPicker):
+        picker = model
+    else:
+        picker = ModelPicker(settings.model_path, settings.options.device, {settings.model_path: model})
+    _STATE.update(settings=settings, picker=picker)
 
 
 def _die_with_parent() -> None:
@@ -92,11 +101,12 @@ def _load(task: dict[str, Any]) -> Scan:
     return load_dicom_files(sources, series_uid=task["series_uid"] or None)
 
 
-def _too_small(scan: Scan, model: LoadedModel, min_size: int) -> str:
+def _too_small(scan: Scan, model: LoadedModel, choice: ModelChoice, min_size: int) -> str:
+    """In-plane jobs need planes of ``min_size``; through-plane jobs planes across the thick axis that large (the
+    thick axis itself may be short: it is the one refined)."""
     shape = scan.spatial_shape
-    if parse_spec(model.config.degrade).spatial_dims == 2:
-        axis = choose_slice_axis(scan)
-        dims = tuple(shape[a] for a in range(3) if a != axis)
+    if choice.task == "throughplane" or model.degradation.spatial_dims == 2:
+        dims = tuple(shape[a] for a in range(3) if a != choice.axis)
     else:
         dims = shape
     if min(dims) < min_size:
@@ -137,7 +147,7 @@ def process(task: dict[str, Any]) -> dict[str, Any]:
         ``{"state": done|skipped|failed, "category", "reason", "seconds", "score", "pid"}``.
     """
     settings: WorkerSettings = _STATE["settings"]
-    model: LoadedModel = _STATE["model"]
+    picker: ModelPicker = _STATE["picker"]
     t0 = time.perf_counter()
     staging = Path(task["staging"])
     shutil.rmtree(staging, ignore_errors=True)
@@ -150,13 +160,14 @@ def process(task: dict[str, Any]) -> dict[str, Any]:
     try:
         try:  # any problem reading the input means it cannot be enhanced: skipped, with the reason
             scan = _load(task)
-            small = _too_small(scan, model, settings.min_size)
+            model, choice = picker.pick_for(scan)
+            small = _too_small(scan, model, choice, settings.min_size)
             if small:
                 raise MedsrError(small, Category.TOO_SMALL)
         except MedsrError as exc:
             return outcome("skipped", categorise(exc) or "unusable input", _clean(str(exc), task, staging))
         try:
-            result = enhance_scan(scan, model, settings.options)
+            result = enhance_with_choice(scan, model, choice, settings.options)
         except MedsrError as exc:  # a problem of the input (too small, say) skips it; anything else is a failure
             category = categorise(exc)
             state = "skipped" if category else "failed"

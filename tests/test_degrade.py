@@ -103,7 +103,7 @@ def test_adjoints_are_right_inverses(ct_slice: torch.Tensor, mr_block: torch.Ten
     torch.testing.assert_close(kspace_truncate(kspace_zero_fill(k2, (4, 4)), (4, 4)), k2, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["block:4x4", "kspace:4x4", "kspace:2x4"])
+@pytest.mark.parametrize("spec", ["block:4x4", "kspace:4x4", "kspace:2x4", "block:1x4,profile=gaussian"])
 def test_projection_makes_2d_estimate_consistent(spec: str, ct_slice: torch.Tensor) -> None:
     s = parse_spec(spec)
     assert s.has_projection
@@ -117,7 +117,7 @@ def test_projection_makes_2d_estimate_consistent(spec: str, ct_slice: torch.Tens
     torch.testing.assert_close(s.project(fixed, y), fixed, **tol)
 
 
-@pytest.mark.parametrize("spec", ["block:1x1x4", "kspace:1x1x4", "kspace:2x2x2"])
+@pytest.mark.parametrize("spec", ["block:1x1x4", "kspace:1x1x4", "kspace:2x2x2", "block:1x1x4,profile=gaussian"])
 def test_projection_makes_3d_estimate_consistent(spec: str, mr_block: torch.Tensor) -> None:
     s = parse_spec(spec)
     x = mr_block.double()
@@ -262,3 +262,45 @@ def test_right_inverse_exists_only_where_exact(ct_slice: torch.Tensor) -> None:
         torch.testing.assert_close(s.forward(s.right_inverse(y)), y, atol=1e-6, rtol=1e-5)
     with pytest.raises(MedsrError, match="no exact right inverse"):
         parse_spec("block:2x2,sigma=1").right_inverse(torch.zeros(1, 1, 4, 4))
+
+
+# --- Gaussian slice profile -------------------------------------------------------------------------------------
+
+def test_gaussian_profile_parses_and_box_stays_the_default() -> None:
+    s = parse_spec("block:1x4,profile=gaussian")
+    assert s.profile == "gaussian" and str(s) == "block:1x4,profile=gaussian" and parse_spec(str(s)) == s
+    assert parse_spec("block:1x4").profile == "box" and str(parse_spec("block:1x4")) == "block:1x4"
+    assert s != parse_spec("block:1x4")
+    for bad in ("block:1x4,profile=triangle", "kspace:1x4,profile=gaussian", "lowdose:1x4,profile=gaussian"):
+        with pytest.raises(MedsrError, match="profile"):
+            parse_spec(bad)
+
+
+@pytest.mark.parametrize(("factors", "shape"), [((1, 4), (2, 1, 12, 32)), ((4, 4), (1, 1, 16, 16)),
+                                                ((1, 1, 4), (1, 1, 4, 6, 20))])
+def test_gaussian_profile_keeps_a_constant_up_to_the_edges(factors: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    spec = parse_spec(f"block:{'x'.join(map(str, factors))},profile=gaussian")
+    y = spec.forward(torch.full(shape, 0.37, dtype=torch.float64))
+    assert y.shape[2:] == tuple(n // f for n, f in zip(shape[2:], factors))
+    torch.testing.assert_close(y, torch.full_like(y, 0.37))
+
+
+def test_gaussian_profile_weights_neighbouring_slices_where_the_box_does_not() -> None:
+    """A single bright thin slice inside block 3 shows in thick slices 2 and 4 with a Gaussian profile of FWHM 4
+    (half maximum at 2 thin slices from the block centre), never with a box; both are centred on the block."""
+    x = torch.zeros(1, 1, 1, 32, dtype=torch.float64)
+    x[..., 12] = 1.0  # first thin slice of block 3 (slices 12-15, centre 13.5)
+    gauss = parse_spec("block:1x4,profile=gaussian").forward(x)[0, 0, 0]
+    box = parse_spec("block:1x4").forward(x)[0, 0, 0]
+    assert box[2] == 0 and box[4] == 0 and box[3] == 0.25
+    assert gauss[2] > 0.05 and gauss[3] > gauss[2] > gauss[4] > 0  # slice 12 is nearer block 2's centre (9.5)
+    ramp = torch.arange(32, dtype=torch.float64).view(1, 1, 1, 32)  # a symmetric profile reads a ramp at its centre
+    centres = torch.arange(8, dtype=torch.float64) * 4 + 1.5
+    torch.testing.assert_close(parse_spec("block:1x4,profile=gaussian").forward(ramp)[0, 0, 0, 2:6], centres[2:6])
+
+
+def test_gaussian_right_inverse_is_exact(ct_slice: torch.Tensor) -> None:
+    spec = parse_spec("block:4x4,profile=gaussian")
+    y = spec.forward(ct_slice.double())
+    torch.testing.assert_close(spec.forward(spec.right_inverse(y)), y)
+    assert spec.has_projection and not parse_spec("block:1x4,sigma=1,profile=gaussian").has_projection

@@ -57,7 +57,7 @@ def test_fine_noise_is_the_input_noise_times_the_operators_gain(degrade: str) ->
 
 
 def test_operators_whose_input_says_nothing_simple_about_the_truths_noise_are_refused() -> None:
-    for text in ("block:4x4,sigma=1", "lowdose:1x1,dose=0.25", "kspace:2x2,noise=0.01"):
+    for text in ("block:4x4,sigma=1", "lowdose:1x1,dose=0.25", "kspace:2x2,noise=0.01", "block:1x4,profile=gaussian"):
         spec = parse_spec(text)
         assert spec.white_noise_gain is None
         with pytest.raises(MedsrError, match="noise of its truth"):

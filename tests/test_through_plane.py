@@ -22,6 +22,7 @@ from medsr.errors import MedsrError
 from medsr.evaluate import degrade_scan
 from medsr.io import Scan, load_scan, save_nifti
 from medsr.io.scan import refined_affine
+from medsr.model import load_model
 from medsr.model_choice import choose_model, explicit_choice
 from medsr.runtime import SHIPPED_MODELS, ShippedModel
 from medsr.through_plane import cubic_along, enhance_through_plane, permute_scan, pooled_moments
@@ -191,6 +192,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]
     inplane = write_tiny_checkpoint(tmp_path / "inplane.pt", tiny_config("block:2x2"))
     through = write_tiny_checkpoint(tmp_path / "thick.pt", tiny_config("block:1x4"))
     monkeypatch.setitem(SHIPPED_MODELS, "default", ShippedModel("default", str(inplane), "inplane", (2, 2), "tiny"))
+    monkeypatch.delitem(SHIPPED_MODELS, "throughplane_x4", raising=False)  # the tiny x4 stands in for it
     monkeypatch.setitem(SHIPPED_MODELS, "thick_x4", ShippedModel("thick_x4", str(through), "throughplane", (1, 4),
                                                                  "tiny through-plane"))
     return {"default": inplane, "thick_x4": through}
@@ -284,3 +286,82 @@ def test_a_tiny_trained_model_beats_cubic_and_the_projection_alone(tmp_path: Pat
     cubic = cubic_along(low.array[0], 2, 4)
     projected = cubic + np.repeat(low.array[0] - block_mean(cubic, 2, 4), 4, axis=2)
     assert psnr(res.mean.array[0]) > psnr(projected) > psnr(cubic)
+
+
+def load_model_config(path: Path):
+    return load_model(path).config
+
+
+# --- medsr evaluate: the same model choice as enhance ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "axis"), [("block:1x1x4", 2), ("block:4x1x1", 0)])
+def test_evaluate_auto_runs_through_plane_on_thick_slices(registry, spec: str, axis: int) -> None:
+    from medsr.evaluate import evaluate_scans
+    from medsr.model_picker import ModelPicker
+
+    scan = anatomical()
+    small = scan.with_array(scan.array[:, 4:20, 8:24, 4:20])  # 16^3 of a real T1 (2 mm)
+    ev = evaluate_scans([small], ModelPicker("auto", "cpu"), spec, FAST)
+    info = ev.summary["scans"][0]
+    choice = info["model_choice"]
+    assert (choice["name"], choice["task"], choice["axis"], choice["factor"]) == ("thick_x4", "throughplane", axis, 4)
+    assert f"thick slices along axis {axis}" in choice["reason"]
+    assert info["model"]["path"] == str(registry["thick_x4"]) and ev.summary["model"]["choice"] == choice
+    assert info["interpolation"] == f"cubic along axis {axis}" and info["input_shape"][axis] == 4
+    rows = {r["method"]: r for r in ev.rows}
+    # the baseline is cubic along the thick axis, fine slices centred in each thick one (recomputed here)
+    deg = degrade_scan(small, spec, load_model_config(registry["thick_x4"]).intensity, None, FAST.seed)
+    cubic = cubic_along(deg.low_norm, axis, 4)
+    psnr = 10 * np.log10(4.0 / np.mean((cubic - deg.truth_norm) ** 2))
+    assert rows["interpolation"]["psnr"] == pytest.approx(psnr, abs=1e-3)
+    assert rows["mean"]["consistency_mae"] < 1e-4 < rows["interpolation"]["consistency_mae"]  # projected
+
+
+def test_evaluate_refuses_a_model_that_cannot_undo_the_thick_slices(registry) -> None:
+    from medsr.evaluate import evaluate_scans
+    from medsr.model_picker import ModelPicker
+
+    scan = anatomical()
+    small = scan.with_array(scan.array[:, 4:20, 8:24, 4:20])
+    with pytest.raises(MedsrError, match="not a through-plane one"):
+        evaluate_scans([small], ModelPicker(str(registry["default"]), "cpu"), "block:1x1x4", FAST)
+    with pytest.raises(MedsrError, match="is not what model"):
+        evaluate_scans([small], ModelPicker("auto", "cpu"), "block:1x1x4,profile=gaussian", FAST)
+
+
+def test_evaluate_cli_says_which_model_ran(registry, tmp_path: Path) -> None:
+    scan = anatomical()
+    save_nifti(scan.with_array(scan.array[:, 4:20, 8:24, 4:20]), tmp_path / "t1.nii.gz")
+    res = CliRunner().invoke(medsr.cli.app, ["evaluate", str(tmp_path / "t1.nii.gz"), "--degrade", "block:1x4x1",
+                                             "--samples", "2", "--steps", "2", "--device", "cpu",
+                                             "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert "model thick_x4 (throughplane): thick slices along axis 1" in res.output
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["scans"][0]["model_choice"]["axis"] == 1
+
+
+# --- the archive: the same model choice as enhance ---------------------------------------------------------------
+
+
+def test_archive_auto_runs_through_plane_on_a_thick_item_and_in_plane_on_an_isotropic_one(registry,
+                                                                                       tmp_path: Path) -> None:
+    from pipelines.archive import ArchiveOptions, run_archive
+
+    src = tmp_path / "archive"
+    src.mkdir()
+    truth, low = make_thick(anatomical(), 0)  # real T1, thick slices along the first array axis
+    save_nifti(low.with_array(low.array[:, :, :20, :16]), src / "thick.nii.gz")
+    scan = anatomical()
+    save_nifti(scan.with_array(scan.array[:, :16, :16, :6]), src / "iso.nii.gz")
+    opts = ArchiveOptions(samples=2, steps=1, device="cpu", amp="none", progress=False)
+    assert opts.model == "auto"
+    summary = run_archive(src, tmp_path / "out", opts)
+    assert summary["counts"].get("done") == 2, summary
+    thick = json.loads((tmp_path / "out" / "thick" / "report.json").read_text())
+    assert thick["model"]["choice"]["name"] == "thick_x4" and thick["model"]["choice"]["axis"] == 0
+    assert "thick slices along axis 0" in thick["model"]["choice"]["reason"]
+    assert thick["output"]["scale"] == [4, 1, 1] and thick["model"]["path"] == str(registry["thick_x4"])
+    iso = json.loads((tmp_path / "out" / "iso" / "report.json").read_text())
+    assert iso["model"]["choice"]["name"] == "default" and iso["model"]["choice"]["task"] == "inplane"
