@@ -18,7 +18,7 @@ from monai.inferers import sliding_window_inference
 from medsr.config import DiffusionConfig, SamplingConfig
 from medsr.degrade import DegradeSpec
 from medsr.diffusion import from_target, make_sampler, to_clean_estimate, to_target
-from medsr.model import denoise
+from medsr.model import denoise, input_layout
 from medsr.runtime import autocast_context
 
 __all__ = ["sample", "make_generators"]
@@ -32,9 +32,11 @@ def make_generators(seed: int, n: int, device: torch.device) -> list[torch.Gener
 
 
 def _window_predictor(net: torch.nn.Module, t: int, amp: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    layout = input_layout(net)  # NHWC where load_model made the weights NHWC (medsr.model.configure_inference)
+
     def predict(window: torch.Tensor) -> torch.Tensor:
-        if window.ndim == 4:  # 2D: NHWC, the layout load_model gives 2D weights (1.2x on CPU)
-            window = window.contiguous(memory_format=torch.channels_last)
+        if window.ndim == 4:
+            window = window.contiguous(memory_format=layout)
         with autocast_context(window.device, amp):
             out = denoise(net, window[:, :1], window[:, 1:], t)
         return out.float()
