@@ -57,9 +57,9 @@ def configure_inference(net: torch.nn.Module, fast: bool = True) -> torch.nn.Mod
     """
     for module in net.modules():
         if hasattr(module, "use_flash_attention"):
-            module.use_flash_attention = fast
+            setattr(module, "use_flash_attention", fast)  # noqa: B010 (a plain attribute MONAI's SABlock reads)
     if any(p.ndim == 4 for p in net.parameters()):
-        net.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
+        net.to(memory_format=torch.channels_last if fast else torch.contiguous_format)  # type: ignore[call-overload]
     return net
 
 
