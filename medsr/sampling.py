@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from monai.data.utils import compute_importance_map, get_valid_patch_size
+from monai.data.utils import compute_importance_map
 from monai.inferers import sliding_window_inference
 
 from medsr.config import DiffusionConfig, SamplingConfig
@@ -69,12 +69,13 @@ def denoise_full(
                                     roi_weight_map=weights)  # type: ignore[return-value]
 
 
-def blend_weights(shape: Sequence[int], roi_size: Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
-    """The gaussian window-blending map MONAI would build on every call, built once (None: no windows)."""
+def blend_weights(roi_size: Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+    """The gaussian window-blending map MONAI would build on every call, built once (None: no windows).
+
+    MONAI pads an image smaller than the window up to it, so its windows are always ``roi_size``."""
     if roi_size is None:
         return None
-    patch = get_valid_patch_size(tuple(shape), tuple(roi_size))
-    return compute_importance_map(patch, mode="gaussian", device=device)[None, None]
+    return compute_importance_map(tuple(roi_size), mode="gaussian", device=device)[None, None]
 
 
 def _divisible(x: torch.Tensor, net: torch.nn.Module) -> bool:
@@ -124,7 +125,7 @@ def sample(
     x = torch.stack([torch.randn(cond.shape[1:], generator=g, device=cond.device) for g in generators])
     use_projection = project and spec is not None and lowres is not None and spec.has_projection
     timesteps = [int(t) for t in sch.timesteps]
-    weights = blend_weights(cond.shape[2:], roi_size, cond.device)
+    weights = blend_weights(roi_size, cond.device)
     for i, t in enumerate(timesteps):
         out = denoise_full(net, x, cond, t, roi_size, overlap, sw_batch_size, amp, weights)
         x0 = to_clean_estimate(out, x, t, cfg, alphas)
