@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from monai.data.utils import compute_importance_map
 from monai.inferers import sliding_window_inference
 
 from medsr.config import DiffusionConfig, SamplingConfig
 from medsr.degrade import DegradeSpec
 from medsr.diffusion import from_target, make_sampler, to_clean_estimate, to_target
-from medsr.model import denoise
+from medsr.model import denoise, input_layout
 from medsr.runtime import autocast_context
 
 __all__ = ["sample", "make_generators"]
@@ -31,7 +32,11 @@ def make_generators(seed: int, n: int, device: torch.device) -> list[torch.Gener
 
 
 def _window_predictor(net: torch.nn.Module, t: int, amp: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    layout = input_layout(net)  # NHWC where load_model made the weights NHWC (medsr.model.configure_inference)
+
     def predict(window: torch.Tensor) -> torch.Tensor:
+        if window.ndim == 4:
+            window = window.contiguous(memory_format=layout)
         with autocast_context(window.device, amp):
             out = denoise(net, window[:, :1], window[:, 1:], t)
         return out.float()
@@ -48,14 +53,29 @@ def denoise_full(
     overlap: float = _DEFAULTS.overlap,
     sw_batch_size: int = _DEFAULTS.batch_size,
     amp: str = "none",
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Network output over the whole image ``(B, 1, *spatial)``: one call if it fits ``roi_size``, else windows."""
+    """Network output over the whole image ``(B, 1, *spatial)``: one call if it fits ``roi_size``, else windows.
+
+    The windows of all B images (samples x slices) go through the network together, ``sw_batch_size`` per
+    call. ``weights`` is the blending map from :func:`blend_weights` (computed once per image, not per step).
+    """
     predict = _window_predictor(net, t, amp)
     z = torch.cat([x_t, cond], dim=1)
     if roi_size is None or all(s <= r for s, r in zip(x_t.shape[2:], roi_size)) and _divisible(x_t, net):
         return predict(z)
     return sliding_window_inference(z, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=predict,
-                                    overlap=overlap, mode="gaussian", padding_mode="replicate")  # type: ignore[return-value]
+                                    overlap=overlap, mode="gaussian", padding_mode="replicate",
+                                    roi_weight_map=weights)  # type: ignore[return-value]
+
+
+def blend_weights(roi_size: Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+    """The gaussian window-blending map MONAI would build on every call, built once (None: no windows).
+
+    MONAI pads an image smaller than the window up to it, so its windows are always ``roi_size``."""
+    if roi_size is None:
+        return None
+    return compute_importance_map(tuple(roi_size), mode="gaussian", device=device)[None, None]
 
 
 def _divisible(x: torch.Tensor, net: torch.nn.Module) -> bool:
@@ -105,13 +125,17 @@ def sample(
     x = torch.stack([torch.randn(cond.shape[1:], generator=g, device=cond.device) for g in generators])
     use_projection = project and spec is not None and lowres is not None and spec.has_projection
     timesteps = [int(t) for t in sch.timesteps]
+    weights = blend_weights(roi_size, cond.device)
     for i, t in enumerate(timesteps):
-        out = denoise_full(net, x, cond, t, roi_size, overlap, sw_batch_size, amp)
+        out = denoise_full(net, x, cond, t, roi_size, overlap, sw_batch_size, amp, weights)
         x0 = to_clean_estimate(out, x, t, cfg, alphas)
         if use_projection:
             img = spec.project(from_target(x0, cond, cfg), lowres)  # type: ignore[union-attr,arg-type]
             x0 = to_target(img, cond, cfg)
-        x = torch.cat([sch.step(x0[b:b + 1], t, x[b:b + 1], generator=g)[0] for b, g in enumerate(generators)])
+        if sampler == "ddim":  # eta = 0: no noise is drawn, so the whole batch takes its step in one call
+            x = sch.step(x0, t, x)[0]
+        else:
+            x = torch.cat([sch.step(x0[b:b + 1], t, x[b:b + 1], generator=g)[0] for b, g in enumerate(generators)])
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     return from_target(x, cond, cfg)

@@ -64,3 +64,27 @@ def test_run_all_tiny_runs_each_benchmark() -> None:
     assert re.search(rf"^2D fp32: {NUM} patches/s", out, re.M), out
     assert re.search(r"^overhead: sampling step", out, re.M), out
     assert "failed:" not in out
+
+
+SPEED_LINES = [
+    r"^setup: model=random weights, tiny architecture; degrade block:4x4, window \[16, 16\], new overlap 0.125, "
+    r"v0.1 overlap 0.25",
+    rf"^\(1\) pass v0.1: 64x64 image, window 16x16 overlap 0.25: 25 windows \(1.56x the image's voxels\), {NUM} s "
+    rf"\({NUM} s CPU\) per sample-step, attention {NUM}% of it",
+    rf"^\(1\) pass new: 64x64 image, window 16x16 overlap 0.125: 25 windows \(1.56x the image's voxels\), {NUM} s",
+    rf"^\(2\) batching: 2 samples x 2 steps batched {NUM} s \({NUM} s CPU\) vs one after another {NUM} s "
+    rf"\({NUM} s CPU\): {NUM}x wall, {NUM}x CPU, max \|difference\| of means {NUM}",
+    rf"^CT_small.dcm 32² +bicubic +- +- +- +- +- +{NUM} +{NUM}$",
+    rf"^CT_small.dcm 32² +v0.1 +10 +{NUM} +{NUM} +1.00x +1.00x +{NUM} +{NUM}$",
+    rf"^CT_small.dcm 32² +new +1 +{NUM} +{NUM} +{NUM}x +{NUM}x +{NUM} +{NUM}$",
+    rf"^CT_small.dcm 32² +new +2 +{NUM} +{NUM} +{NUM}x +{NUM}x +{NUM} +{NUM}$",
+    rf"^bad_sequence.dcm 32² +v0.1 +10 +{NUM} ",
+    rf"^bad_sequence.dcm 32² +new +2 +{NUM} ",
+]
+
+
+@pytest.mark.slow
+def test_bench_speed_tiny_prints_the_table() -> None:
+    out = _run("bench_speed.py", "--samples", "2", "--steps", "1,2")
+    for pattern in SPEED_LINES:
+        assert re.search(pattern, out, re.M), (pattern, out)
