@@ -23,6 +23,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from holding import HOLD_SECOND_ITEM
 from pydicom.uid import BasicTextSRStorage, generate_uid
 from typer.testing import CliRunner
 
@@ -275,26 +276,6 @@ def test_resume_after_simulated_crash(first_run: tuple[Path, dict], archive: Pat
     assert tree_hash(archive) == source_hash
 
 
-_KILLABLE = """
-import sys, time
-from pathlib import Path
-import pipelines.archive as archive
-from medsr.cli import app
-marker, real, done = Path(sys.argv[1]), archive.process, []
-def process(task):
-    if done:  # one item is done and recorded, this one is claimed: say so, then hang until killed
-        marker.write_text(task["id"])
-        time.sleep(600)
-    result = real(task)
-    if result["state"] == "done":
-        done.append(task["id"])
-    return result
-archive.process = process
-sys.argv = ["medsr", *sys.argv[2:]]
-app()
-"""
-
-
 @pytest.mark.slow  # several processes; tens of seconds on a 2-core machine
 def test_kill_9_mid_run_then_restart_finishes_once(archive: Path, tiny_model: Path, tmp_path: Path,
                                                    source_hash: dict[str, str]) -> None:
@@ -303,8 +284,8 @@ def test_kill_9_mid_run_then_restart_finishes_once(archive: Path, tiny_model: Pa
     dst, marker = tmp_path / "dst", tmp_path / "holding"
     args = ["archive", str(archive), "--out", str(dst), "--model", str(tiny_model), "--samples", "2", "--steps", "2",
             "--device", "cpu", "--threads", "1"]
-    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(marker), *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_SECOND_ITEM, "pipelines.archive", str(marker), *args],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300  # a hang guard only: the kill waits for the marker, not for a clock
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from holding import HOLD_SECOND_ITEM
 from typer.testing import CliRunner
 
 from medsr.cli import app
@@ -228,27 +229,6 @@ def test_worklist_in_headless_chromium(inline_run: Path, tmp_path: Path) -> None
 
 # --- DICOMweb: the session runs inside the PACS's private network namespace -----------------------------------------
 
-_HOLD = """
-import sys, time
-from pathlib import Path
-import pipelines.dicomweb as dw
-from medsr.cli import app
-from medsr.errors import MedsrError
-marker, real, done = Path(sys.argv[1]), dw.process, []
-def process(task):
-    if done:  # one series is done, stored back and recorded; this one is downloaded: say so and hang until killed
-        marker.write_text(task["id"])
-        time.sleep(600)
-    result = real(task)
-    if result["state"] == "done":
-        done.append(task["id"])
-    return result
-dw.process = process
-sys.argv = ["medsr", *sys.argv[2:]]
-app()
-"""
-
-
 def _pacs_session(work: Path) -> None:
     """In the namespace: Orthanc with auth, upload, three archive runs (killed, restarted, re-checked), results."""
     from dicomweb_client.api import DICOMwebClient
@@ -281,8 +261,8 @@ def _pacs_session(work: Path) -> None:
         except MedsrError as exc:
             result["no_credentials"] = str(exc)
         marker = work / "holding"
-        first = subprocess.Popen([sys.executable, "-c", _HOLD, str(marker), *args], env=env, cwd=REPO,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        first = subprocess.Popen([sys.executable, "-c", HOLD_SECOND_ITEM, "pipelines.dicomweb", str(marker), *args],
+                                 env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300  # a hang guard only: the kill waits for the marker
         while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -99,23 +99,13 @@ def _session(files: list[Path], work: Path) -> None:
 # --- the tests -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def enhanced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def enhanced(ct_small_enhanced: tuple[Any, Path]) -> tuple[Path, Path]:
     """(the source CT file, medsr's output folder for it) from a real ``medsr enhance`` run (tiny model)."""
-    import torch
-    from enhance_fixtures import DICOM_REF, tiny_config, write_tiny_checkpoint
-    from typer.testing import CliRunner
+    from enhance_fixtures import DICOM_REF
 
-    import medsr.cli
     from medsr.io.refs import resolve_ref
 
-    torch.set_num_threads(1)
-    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", tiny_config())
-    out = tmp_path_factory.mktemp("enhanced")
-    res = CliRunner().invoke(medsr.cli.app, ["enhance", DICOM_REF, "--model", str(ckpt), "--out", str(out),
-                                             "--samples", "2", "--steps", "2", "--device", "cpu", "--amp", "none",
-                                             "--format", "dicom"])
-    assert res.exit_code == 0, res.output
-    return resolve_ref(DICOM_REF), out / "CT_small"
+    return resolve_ref(DICOM_REF), ct_small_enhanced[1]
 
 
 @pytest.fixture(scope="module")

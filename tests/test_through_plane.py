@@ -20,7 +20,7 @@ from medsr.data import PatchDataset, Volume
 from medsr.degrade import parse_spec
 from medsr.errors import MedsrError
 from medsr.evaluate import degrade_scan
-from medsr.io import Scan, load_scan, save_nifti
+from medsr.io import Scan, crop_scan, load_scan, save_nifti
 from medsr.io.scan import refined_affine
 from medsr.model import load_model
 from medsr.model_choice import choose_model, explicit_choice
@@ -44,6 +44,12 @@ def make_thick(truth: Scan, axis: int, f: int = 4) -> tuple[Scan, Scan]:
     factors[axis] = str(f)
     deg = degrade_scan(truth, "block:" + "x".join(factors))
     return deg.truth, deg.low
+
+
+def t1_block() -> Scan:
+    """A 20 x 24 x 16 block of the real T1 (2 mm): every axis a multiple of 4 and at least one 16-voxel window,
+    the origin moved off the volume's corner."""
+    return crop_scan(anatomical(), (6, 8, 4), (20, 24, 16))
 
 
 def block_mean(vol: np.ndarray, axis: int, f: int) -> np.ndarray:
@@ -101,7 +107,7 @@ def test_permute_scan_keeps_every_voxel_where_it_is() -> None:
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_every_thin_truth_slice_lands_on_an_output_slice(thick_model, axis: int) -> None:
-    truth, low = make_thick(anatomical(), axis)
+    truth, low = make_thick(t1_block(), axis)
     res = enhance_through_plane(low, thick_model, FAST, thick_axis=axis)
     assert res.mean.spatial_shape == truth.spatial_shape
     assert res.factors == tuple(4 if a == axis else 1 for a in range(3))
@@ -119,7 +125,7 @@ def test_every_thin_truth_slice_lands_on_an_output_slice(thick_model, axis: int)
 
 def test_non_axial_nifti_is_refined_along_its_thick_array_axis(thick_model) -> None:
     """A NIfTI stored in another axis order (the thick axis is array axis 1): the same world grid comes out."""
-    truth, low = make_thick(anatomical(), 2)
+    truth, low = make_thick(t1_block(), 2)
     stored = permute_scan(low, [0, 2, 1])  # the thick axis is now array axis 1
     res_axial = enhance_through_plane(low, thick_model, FAST)
     res_stored = enhance_through_plane(stored, thick_model, FAST)
@@ -130,7 +136,7 @@ def test_non_axial_nifti_is_refined_along_its_thick_array_axis(thick_model) -> N
 
 
 def test_pooled_result_is_the_statistics_of_both_orientations_samples(thick_model) -> None:
-    truth, low = make_thick(anatomical(), 2)
+    truth, low = make_thick(t1_block(), 2)
     opt = SamplingConfig(samples=3, steps=2, device="cpu", amp="none", keep_samples=True)
     res = enhance_through_plane(low, thick_model, opt)
     assert [o["samples"] for o in res.info["orientations"]] == [2, 1] and res.info["samples_total"] == 3
@@ -168,7 +174,7 @@ def test_explicit_checkpoint_decides_its_task_by_its_degradation(thick_model) ->
 
 
 def test_adapt_fine_tunes_a_copy_on_the_scans_own_slices(thick_model, tmp_path: Path) -> None:
-    truth, low = make_thick(anatomical(), 2)
+    truth, low = make_thick(t1_block(), 2)
     before = low.array.copy()
     original = [p.detach().clone() for p in thick_model.net.parameters()]
     adapted, cost = adapt_model(thick_model, low, 2, 6, lr=1e-3)
@@ -225,7 +231,7 @@ def test_auto_on_a_thick_dicom_series_runs_through_plane(registry, tmp_path: Pat
 
 
 def test_auto_on_a_nifti_with_thick_first_axis(registry, tmp_path: Path) -> None:
-    truth, low = make_thick(anatomical(), 0)
+    truth, low = make_thick(t1_block(), 0)
     save_nifti(low, tmp_path / "thick.nii.gz")
     res = run_enhance(str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "out"), "--adapt", "3")
     assert res.exit_code == 0, res.output
@@ -276,7 +282,7 @@ def test_a_tiny_trained_model_beats_cubic_and_the_projection_alone(tmp_path: Pat
     from medsr.train import train
 
     model = load_model(train(cfg).checkpoint)
-    truth, low = make_thick(anatomical(), 2)
+    truth, low = make_thick(t1_block(), 2)
     t = truth.array[0].astype(np.float64)
 
     def psnr(x: np.ndarray) -> float:

@@ -97,7 +97,7 @@ def test_shipped_configs_write_to_their_own_out_dirs() -> None:
 
 @pytest.mark.parametrize(
     ("dims", "spec", "patch", "batch", "steps", "factor"),
-    [(2, "block:4x4", (32, 32), 4, 100, 100.0), (3, "block:1x1x4", (16, 16, 16), 2, 80, 10.0)],
+    [(2, "block:4x4", (16, 16), 2, 40, 100.0), (3, "block:1x1x4", (8, 8, 16), 1, 40, 10.0)],  # observed 345, 73
 )
 def test_tiny_model_overfits_one_real_patch(mni: list[Volume], dims: int, spec: str, patch: tuple[int, ...],
                                             batch: int, steps: int, factor: float) -> None:

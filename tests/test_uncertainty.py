@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import ndtr
 
 from medsr.uncertainty import (
     NORMAL_Z,
@@ -131,7 +132,7 @@ def test_uncertainty_score_is_the_mean_calibrated_halfwidth() -> None:
 # --- calibration ------------------------------------------------------------------------------------------------
 
 def _norm_cdf(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.vectorize(math.erf)(np.asarray(x) / math.sqrt(2.0)))
+    return ndtr(np.asarray(x))
 
 
 def _draw_images(rng: np.random.Generator, n: int, k: float, voxels: int = 500) -> list[np.ndarray]:

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.coding import Code
@@ -59,6 +58,8 @@ def save_parametric_map(values: Scan, image_files: Sequence[str | os.PathLike[st
     Raises:
         MedsrError: several channels, NaN/Inf values, or a grid that differs from ``image_files``.
     """
+    import highdicom as hd  # about a second to import: only when a map is written, not for every medsr command
+
     path = Path(path)
     if values.array.ndim != 4 or values.array.shape[0] != 1:
         raise MedsrError(f"{path}: a parametric map needs one channel, got array shape {values.array.shape}")
