@@ -151,7 +151,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         raw_std = stats.std().float()
         std = raw_std * cal.std_factor
         noise = None
-        if cal.basis == "std_noise":  # the truth's own white noise, implied by this input (medsr.noise_floor)
+        if cal.uses_noise_floor:  # the truth's own white noise, implied by this input (medsr.noise_floor)
             noise = fine_noise_sigma(y, spec).reshape(-1, *[1] * (mean.ndim - 1))
         q_lo, q_hi, method = interval(mean, raw_std, all_samples, calibration=cal, noise_sigma=noise)
         for key, value in (("mean", mean), ("std", std), ("q05", q_lo), ("q95", q_hi)):

@@ -371,7 +371,7 @@ def _evaluate_one(hr: Scan, picker: ModelPicker, spec: DegradeSpec, opt: Enhance
     mask = body if body.any() else np.ones_like(body)
     cal, _ = model.calibration.for_modality(hr.modality)
     noise = None
-    if cal.basis == "std_noise":  # per input slice, along the slicing axis (3D: one value)
+    if cal.uses_noise_floor:  # per input slice, along the slicing axis (3D: one value)
         shape = [1, 1, 1]
         shape[axis if axis is not None else 2] = -1
         noise = fine_noise_sigma(low_items, spec).numpy().reshape(shape)

@@ -151,7 +151,7 @@ def enhance_through_plane(scan: Scan, model: LoadedModel, options: SamplingConfi
     norm = fit_normaliser(work.array, work.modality, model.config.intensity)
     half_range = 0.5 * (norm.hi - norm.lo)
     noise = None
-    if cal.basis == "std_noise":  # one σ for the volume, from the planes of the first orientation (scan units)
+    if cal.uses_noise_floor:  # one σ for the volume, from the planes of the first orientation (scan units)
         planes = torch.from_numpy(norm.normalise(work.array[0])).movedim(slice_axes[0], 0)[:, None]
         noise = float(fine_noise_sigma(planes, spec).mean()) * half_range
     q05, q95, method = _interval(mean, raw_std.astype(np.float32), samples, cal, noise)

@@ -78,7 +78,7 @@ def interval(mean: torch.Tensor, std: torch.Tensor, samples: torch.Tensor | None
     the mean by λ. Returns (low, high, "normal" | "empirical").
     """
     cal = calibration if isinstance(calibration, Calibration) else Calibration(float(calibration), "quantile")
-    if cal.basis == "std_noise":
+    if cal.uses_noise_floor:
         if noise_sigma is None:
             raise ValueError("calibration basis 'std_noise' needs the input's noise_sigma")
         spread = torch.sqrt(std.float() ** 2 + torch.as_tensor(noise_sigma, dtype=torch.float32) ** 2)
@@ -300,6 +300,11 @@ class Calibration:
             raise ValueError(f"calibration basis must be one of {BASES}, got {self.basis!r}")
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"calibration scale must be finite and positive, got {self.scale}")
+
+    @property
+    def uses_noise_floor(self) -> bool:
+        """Whether the interval needs the input's noise floor σ (basis "std_noise"; :mod:`medsr.noise_floor`)."""
+        return self.basis == "std_noise"
 
     @property
     def std_factor(self) -> float:
