@@ -6,7 +6,7 @@
 # extra. Idempotent: re-running only checks. A failed apt step is reported and setup goes on (those tests skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEBS="dcm2niix invesalius-examples dicom3tools dcmtk orthanc orthanc-dicomweb"
+DEBS="dcm2niix invesalius-examples mricron-data dicom3tools dcmtk orthanc orthanc-dicomweb"
 missing() {
   for p in $DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || return 0; done
   return 1
