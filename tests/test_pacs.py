@@ -31,6 +31,7 @@ import pytest
 from pacs_fixtures import run_in_namespace, start_orthanc, stop_orthanc, why_not
 
 SESSION_TIMEOUT_S = 180
+pytestmark = pytest.mark.slow  # starts a real Orthanc in a network namespace and a child process: about 5 s
 
 
 # --- the exchange, run as a child process inside a private network namespace --------------------------------------
