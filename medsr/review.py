@@ -224,6 +224,4 @@ def through_plane_figure(
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=11)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    return Path(path)
+    return _save(fig, Path(path))
