@@ -99,12 +99,7 @@ def review_figure(
     detail = np.concatenate([planes[0][zoom], np.full((zh, max(1, zw // 16)), vmax), planes[1][zoom]], axis=1)
     axes[3].imshow(detail, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest")
     axes[3].set_title("detail: input | enhanced")
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return _save(fig, Path(path))
+    return _finish(fig, axes, title, Path(path))
 
 
 def _box_mean(a: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -112,6 +107,16 @@ def _box_mean(a: np.ndarray, h: int, w: int) -> np.ndarray:
     s = np.pad(np.cumsum(np.cumsum(a, 0), 1), ((1, 0), (1, 0)))
     out = s[h:, w:] - s[:-h, w:] - s[h:, :-w] + s[:-h, :-w]
     return out / (h * w) if out.size else np.zeros((1, 1))
+
+
+def _finish(fig: Any, axes: Sequence[Any], title: str, path: Path) -> Path:
+    """The review figures' common end: images without ticks, the title above, written by :func:`_save`."""
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -219,9 +224,4 @@ def through_plane_figure(
     heat = axes[3].imshow(planes[3], cmap="inferno", vmin=0, vmax=smax, origin="lower", interpolation="nearest")
     fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.02, label=f"std {units}".strip())
     axes[3].set_title("uncertainty (per-voxel std)")
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return _save(fig, Path(path))
+    return _finish(fig, axes, title, Path(path))
