@@ -17,7 +17,7 @@ from medsr.config import DiffusionConfig
 from medsr.errors import MedsrError
 from medsr.model import denoise
 
-__all__ = ["make_train_scheduler", "make_sampler", "to_target", "from_target", "diffusion_loss"]
+__all__ = ["make_train_scheduler", "make_sampler", "ddim_timesteps", "to_target", "from_target", "diffusion_loss"]
 
 
 def make_train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -46,9 +46,25 @@ def make_sampler(cfg: DiffusionConfig, kind: str, steps: int) -> DDPMScheduler |
         if not 1 <= steps <= cfg.num_train_timesteps:
             raise MedsrError(f"DDIM steps must be in 1..{cfg.num_train_timesteps}, got {steps}")
         sch.set_timesteps(steps)
+        sch.timesteps = ddim_timesteps(cfg.num_train_timesteps, steps)
     else:
         raise MedsrError(f"sampler must be 'ddim' or 'ddpm', got {kind!r}")
     return sch
+
+
+def ddim_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
+    """The timesteps DDIM visits, matched to MONAI's ``DDIMScheduler.step``: ``T-1, T-1-T//n, ...``.
+
+    Why: ``set_timesteps`` (MONAI 1.4-1.6) spreads the steps evenly from T-1 to 0, but ``step`` always moves
+    x to ``t - T//n``. The two disagree, so every network call after the first was told a lower noise level
+    than its input had, and the last call (told t = 0, where x0 ≈ x) passed the leftover noise into the
+    output: about sqrt(1 - ᾱ_11) = 0.037 target units per sample at 10 steps, 0.17 at 5 and 0.96 at 2
+    (huggingface/diffusers#11347 describes the same mismatch). These "trailing" steps (Lin et al. 2024) start
+    at pure noise and are exactly where ``step`` lands; :func:`medsr.sampling.sample` ends on the clean
+    estimate of the last one.
+    """
+    stride = num_train_timesteps // steps
+    return torch.arange(num_train_timesteps - 1, -1, -stride)[:steps].long()
 
 
 def to_target(hr: torch.Tensor, cond: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:

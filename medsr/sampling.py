@@ -132,7 +132,9 @@ def sample(
         if use_projection:
             img = spec.project(from_target(x0, cond, cfg), lowres)  # type: ignore[union-attr,arg-type]
             x0 = to_target(img, cond, cfg)
-        if sampler == "ddim":  # eta = 0: no noise is drawn, so the whole batch takes its step in one call
+        if sampler == "ddim" and i == len(timesteps) - 1:  # DDIM's last step lands on ᾱ = 1: the clean estimate
+            x = x0
+        elif sampler == "ddim":  # eta = 0: no noise is drawn, so the whole batch takes its step in one call
             x = sch.step(x0, t, x)[0]
         else:
             x = torch.cat([sch.step(x0[b:b + 1], t, x[b:b + 1], generator=g)[0] for b, g in enumerate(generators)])
