@@ -96,12 +96,13 @@ def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache
     """Truth, degraded input and the samples (all normalised with the truth's normaliser) for every slice of
     ``item``, and each slice's intensity range.
 
-    Slices are concatenated along Z. Cached as ``cache/NAME-<weights id>-s<samples>-k<steps>-c<crop>.npz``.
+    Slices are concatenated along Z. Cached as ``cache/NAME-<weights id>-s<samples>-k<steps>-c<crop>-tt.npz``.
     A low-dose model's input is simulated on the whole slice (attenuation and streaks come from all of it) and
     cropped after; other degradations crop first (``-ld`` in the key tells the two apart).
     """
     whole_slice = model.degradation.kind == "lowdose"
-    key = f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}{'-ld' if whole_slice else ''}"
+    # "-tt": DDIM on the trailing timesteps (medsr.diffusion.ddim_timesteps); samples cached before that fix differ
+    key = f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}-tt{'-ld' if whole_slice else ''}"
     path = cache / f"{key}.npz"
     if path.is_file():
         with np.load(path) as z:
