@@ -194,8 +194,10 @@ def card_text(result: dict[str, Any]) -> str:
         "the denoised image, not the noise of the input.",
         "",
         "## Limits",
-        "- the study uses central crops and few samples/steps (CPU time); the full-slice, 8 × 10 numbers may "
-        "differ.",
+        "- the study uses central 128² crops (CPU time); whole slices may score differently.",
+        "- DDIM runs on the timesteps its scheduler step lands on (`medsr.diffusion.ddim_timesteps`); cards made "
+        "before 2026-12-06 sampled with mismatched timesteps that left noise in every sample (their mean was "
+        "1.2-2.8 dB lower and their spread, and λ, larger).",
         "- 4 held-out slices from 3 scans; one slice per scan except eCT_Supplemental (2 frames).",
         "- not a diagnostic device; for research use.",
         "",

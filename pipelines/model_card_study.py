@@ -98,7 +98,7 @@ def run_study(args: argparse.Namespace, model: Any, result: dict[str, Any]) -> N
     if not args.skip_study:
         scans = load(HELD_OUT, args.crop)
         rows = []
-        settings = [("ddim", k, 8) for k in (5, 10, 20, 50, 100)] + [("ddpm", 1000, 4)]
+        settings = [("ddim", k, 8) for k in (1, 2, 3, 5, 10, 20, 50)] + [("ddpm", 1000, 4)]
         settings += [("ddim", args.steps, n) for n in (1, 2, 4, 16)]
         for sampler, steps, samples in settings:
             t = time.perf_counter()
