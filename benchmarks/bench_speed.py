@@ -2,9 +2,10 @@
 path, and each DDIM step count of the new path (issue 13, "cheaper passes" and "less work per sample").
 
 v0.1 path: explicit softmax(QK^T)V attention, contiguous (NCHW) weights, windows overlapping by 0.25
-(``medsr.model.configure_inference(net, fast=False)``, ``overlap=0.25``). New default: scaled-dot-product
-attention, channels-last 2D weights, overlap 0.125 (``SamplingConfig()``). Both draw the same samples from the same
-noise, up to float tolerance and the window layout.
+(``medsr.model.configure_inference(net, fast=False)``, ``overlap=0.25``) and MONAI's own DDIM timesteps (evenly
+spaced 999..0, which its ``step`` does not land on: v0.1's samples kept leftover noise). New default:
+scaled-dot-product attention, channels-last 2D weights, overlap 0.125 (``SamplingConfig()``), DDIM on the timesteps
+``step`` lands on (``medsr.diffusion.ddim_timesteps``).
 
 (1) pass: one denoiser pass (1 sample, 1 step) over the README job's full size (CT_small 128² -> 512²), each
     path: seconds, windows per pass, window redundancy (window voxels / image voxels) and attention's share of
@@ -34,6 +35,7 @@ from bench_sampling import SHIPPED, centre_crop, random_checkpoint
 from machine import machine_line  # benchmarks/ is on sys.path when a script here runs
 from monai.data.utils import dense_patch_slices
 
+from medsr import diffusion
 from medsr.config import SamplingConfig
 from medsr.degrade import parse_spec, upsample
 from medsr.enhance import EnhanceResult, enhance_scan
@@ -62,15 +64,24 @@ class Timing:
     cpu: float  # this process's CPU seconds: with one thread, the work done, whatever else the machine runs
 
 
+def _v01_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
+    """MONAI's ``DDIMScheduler.set_timesteps`` spacing, as v0.1 sampled (its last step at t = 0 returns x0)."""
+    return torch.linspace(num_train_timesteps - 1, 0, steps).round().long()
+
+
 def timed_enhance(scan: Scan, model: LoadedModel, opts: SamplingConfig, v01: bool) -> tuple[Timing, EnhanceResult]:
     """(timing, result) of enhancing ``scan`` on one path."""
     configure_inference(model.net, fast=not v01)
+    new_timesteps = diffusion.ddim_timesteps
+    if v01:
+        diffusion.ddim_timesteps = _v01_timesteps  # type: ignore[assignment]
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         result = enhance_scan(scan, model, replace(opts, overlap=V01_OVERLAP) if v01 else opts)
         return Timing(time.perf_counter() - t0, time.process_time() - c0), result
     finally:
         configure_inference(model.net, fast=True)
+        diffusion.ddim_timesteps = new_timesteps  # type: ignore[assignment]
 
 
 def run(deg: Degraded, model: LoadedModel, opts: SamplingConfig, v01: bool) -> tuple[Timing, np.ndarray]:
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--steps", default="2,4,10", help="DDIM step counts of the new path")
+    ap.add_argument("--steps", default="1,2,3,4,10", help="DDIM step counts of the new path")
     ap.add_argument("--crop", type=int, default=128, help="truth crop of both scans, fine voxels (table)")
     ap.add_argument("--pass-size", type=int, default=128, help="input size of the one-pass profile (README: 128)")
     ap.add_argument("--held-out", default=HELD_OUT)
