@@ -170,7 +170,10 @@ class SamplingConfig:
     """How a trained model is sampled: the one home of these defaults (``medsr enhance``, ``medsr evaluate``,
     the archive and the model-card study all start from it).
 
-    The defaults (8 samples x 10 DDIM steps) come from the steps/samples study in the model card.
+    The defaults (8 samples x 3 DDIM steps) come from the steps/samples study in the model card: with DDIM on the
+    timesteps its scheduler step lands on (:func:`medsr.diffusion.ddim_timesteps`), 2-3 steps give the posterior
+    mean of 10 (PSNR +0.1 dB, SSIM +0.001 on held-out crops) and a per-patch error ranking as good, in 30% of
+    the network evaluations.
 
     Attributes:
         samples: diffusion samples per scan (mean, spread and interval come from them).
@@ -190,7 +193,7 @@ class SamplingConfig:
     """
 
     samples: int = 8
-    steps: int = 10
+    steps: int = 3
     sampler: str = "ddim"
     seed: int = 0
     device: str = "auto"

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 import yaml
 
-from medsr.config import build_dataclass
+from medsr.config import SamplingConfig, build_dataclass
 from medsr.enhance import EnhanceOptions
 from medsr.errors import MedsrError
 from medsr.io import atomic_path
@@ -71,6 +71,9 @@ __all__ = ["ArchiveOptions", "load_archive_options", "run_archive", "summarise",
 _FINAL = ("done", "skipped", "failed")
 _INTERNAL = ".medsr-archive"
 log = logging.getLogger("pipelines.archive")
+
+
+_SAMPLING = SamplingConfig()  # the one home of the sampling defaults
 
 
 @dataclass
@@ -99,9 +102,9 @@ class ArchiveOptions:
     """
 
     model: str = "auto"
-    samples: int = 8
-    steps: int = 10
-    seed: int = 0
+    samples: int = _SAMPLING.samples
+    steps: int = _SAMPLING.steps
+    seed: int = _SAMPLING.seed
     device: str = "auto"
     amp: str = "auto"
     format: str = "auto"

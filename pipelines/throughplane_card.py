@@ -49,6 +49,7 @@ from medsr.model_choice import ModelChoice
 from medsr.through_plane import enhance_with_choice
 from pipelines.calibrate_default_model import CALIBRATION, INIA19
 
+DEFAULTS = SamplingConfig()  # what `medsr enhance` runs unless told otherwise
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_DB = 2.0  # the target: >= +2 dB over cubic on every held-out volume
 TIMING_FULL = (256, 256, 40)  # the thick volume (-> 256 x 256 x 160)
@@ -156,7 +157,7 @@ def timing_subprocess(checkpoint: str, size: int, slices: int, samples: int, ste
     measured["extrapolated"] = {
         "voxel_ratio": float(ratio),
         "seconds_same_settings": float(per * full_fine * samples * steps),
-        "seconds_8x10": float(per * full_fine * 8 * 10),
+        "seconds_defaults": float(per * full_fine * DEFAULTS.samples * DEFAULTS.steps),
         "peak_rss_mb": float(measured["rss_loaded_mb"] + delta * ratio),
     }
     return measured
@@ -241,7 +242,8 @@ def write_card(path: Path, result: dict[str, Any]) -> None:
             "",
             f"256 x 256 x 40 -> 256 x 256 x 160 is {e['voxel_ratio']:.0f}x the output voxels. Extrapolated linearly "
             f"(voxels x samples x steps; not measured): {e['seconds_same_settings'] / 60:.0f} min at the same "
-            f"settings, **{e['seconds_8x10'] / 3600:.1f} h at the defaults (8 samples x 10 steps)** on this CPU; "
+            f"settings, **{e['seconds_defaults'] / 3600:.1f} h at the defaults ({DEFAULTS.samples} samples x "
+            f"{DEFAULTS.steps} steps)** on this CPU; "
             f"peak RSS about {e['peak_rss_mb'] / 1024:.1f} GB (the volumes held grow with the voxels; the network's "
             "sliding windows do not). Not practical on a CPU at this size: a GPU, fewer steps or a distilled "
             "student is needed.",

@@ -70,7 +70,11 @@ def test_shipped_model_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_sampling_config_is_typed_and_checked() -> None:
-    assert SamplingConfig().samples == 8 and SamplingConfig().steps == 10
+    assert SamplingConfig().samples == 8 and SamplingConfig().steps == 3
+    from pipelines.archive import ArchiveOptions  # the archive reads its sampling defaults from the same home
+
+    archive = ArchiveOptions()
+    assert (archive.samples, archive.steps, archive.seed) == (SamplingConfig().samples, SamplingConfig().steps, 0)
     cfg = sampling_config_from_dict({"samples": 4, "steps": 2, "overlap": 0.5})
     assert (cfg.samples, cfg.steps, cfg.overlap) == (4, 2, 0.5)
     bad = [{"samples": 1.7}, {"samples": "abc"}, {"samples": [1, 2]}, {"samples": 0}, {"steps": True},
