@@ -3,7 +3,7 @@
     python -m pipelines.calibrate_default_model [--model medsr/weights/default_x4.pt] [--export OUT.pt]
 
 Every held-out scan of ``shared/DATA.md`` (never a training file) is cropped to a central region, degraded
-with the model's own operator, enhanced (8 samples x 10 DDIM steps, one thread) and cached under
+with the model's own operator, enhanced (the sampling defaults, 8 samples x 3 DDIM steps; one thread) and cached under
 ``--cache`` (``/work/runs/calib_cache``) so reruns only redo the statistics. The scans are split **by scan**,
 per modality, into a calibration split (λ is fitted there) and a reporting split (coverage, width, ranking are
 measured there); a leave-one-scan-out table reports every scan with λ fitted on the other scans of its
@@ -269,8 +269,8 @@ def main() -> None:
     parser.add_argument("--model", default="medsr/weights/default_x4.pt")
     parser.add_argument("--cache", default="/work/runs/calib_cache")
     parser.add_argument("--out", default="runs/calibration_study")
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=EnhanceOptions().samples)
+    parser.add_argument("--steps", type=int, default=EnhanceOptions().steps)
     parser.add_argument("--crop", type=int, default=0, help="in-plane crop of every scan (default: each scan's own, "
                         "256); smaller is faster on a CPU")
     parser.add_argument("--only-cache", action="store_true")

@@ -1,6 +1,6 @@
 """The lowdose_ct model card, from one checkpoint, in one command: held-out study, calibration, export, card.
 
-    python -m pipelines.lowdose_card CHECKPOINT [--samples 4] [--steps 5] [--crop 128]
+    python -m pipelines.lowdose_card CHECKPOINT [--samples 8] [--steps 3] [--crop 128]
 
 1. Every held-out CT scan of ``shared/DATA.md`` (``pipelines.calibrate_default_model.HELD_OUT``, CT rows; never
    a training file) is degraded to quarter dose with the simulator on the whole slice (its pixel size, the CT
@@ -208,8 +208,8 @@ def card_text(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=EnhanceOptions().samples)
+    parser.add_argument("--steps", type=int, default=EnhanceOptions().steps)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--cache", default="/work/runs/lowdose_card_cache")
     parser.add_argument("--out", default="runs/lowdose_card", help="folder for lowdose_card.json")

@@ -17,8 +17,8 @@ cp "$ckpt" "$work/checkpoint.pt"
 export OMP_NUM_THREADS=1
 "$py" -m pipelines.export_model "$work/checkpoint.pt" --name throughplane_x4 --out "$work/uncalibrated.pt"
 "$py" -m pipelines.calibrate_default_model --model "$work/uncalibrated.pt" --cache "$work/cache" \
-    --out "$work/study" --samples 8 --steps 5 --crop 64 --export pipelines/throughplane_x4/calibration.json
+    --out "$work/study" --samples 8 --steps 3 --crop 64 --export pipelines/throughplane_x4/calibration.json
 "$py" -m pipelines.export_model "$work/checkpoint.pt" --name throughplane_x4 \
     --calibration-json pipelines/throughplane_x4/calibration.json
-"$py" -m pipelines.throughplane_card medsr/weights/throughplane_x4.pt --samples 2 --steps 4 --adapt 20 --crop 40 \
+"$py" -m pipelines.throughplane_card medsr/weights/throughplane_x4.pt --samples 2 --steps 3 --adapt 20 --crop 40 \
     --json pipelines/throughplane_x4/card.json
