@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=128, help="in-plane crop of the study scans")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-study", action="store_true")
+    parser.add_argument("--step-counts", default="1,2,3,5,10,20,50", help="DDIM step counts of the study (8 samples)")
+    parser.add_argument("--ddpm-samples", type=int, default=4, help="samples of the 1000-step DDPM row (0: none)")
     parser.add_argument("--skip-eval", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,7 +100,8 @@ def run_study(args: argparse.Namespace, model: Any, result: dict[str, Any]) -> N
     if not args.skip_study:
         scans = load(HELD_OUT, args.crop)
         rows = []
-        settings = [("ddim", k, 8) for k in (1, 2, 3, 5, 10, 20, 50)] + [("ddpm", 1000, 4)]
+        counts = [int(k) for k in args.step_counts.split(",") if k]
+        settings = [("ddim", k, 8) for k in counts] + ([("ddpm", 1000, args.ddpm_samples)] if args.ddpm_samples else [])
         settings += [("ddim", args.steps, n) for n in (1, 2, 4, 16)]
         for sampler, steps, samples in settings:
             t = time.perf_counter()
