@@ -187,8 +187,9 @@ def write_card(path: Path, result: dict[str, Any]) -> None:
         "data-consistency projection at every step (`medsr/through_plane.py`)",
         "- training data (shared/DATA.md training files only): MNI152 T1 template, InVesalius head CT, "
         "pydicom 693_UNCR CT slice; config `configs/throughplane_x4.yaml`",
-        "- calibration (per modality; `python -m pipelines.calibrate_default_model --crop 64 --samples 8 --steps 5` "
-        "on the DATA.md calibration split, each scan made thick along one image axis): "
+        "- calibration (per modality; `python -m pipelines.calibrate_default_model` at the settings in "
+        "`pipelines/throughplane_x4/ship.sh`, 8 samples x 3 steps on 64² crops, on the DATA.md calibration split, "
+        "each scan made thick along one image axis): "
         f"{result['model']['calibration']}",
         "",
         "## Quality on held-out scans made thick (target: >= +2 dB over cubic on every held-out volume)",
