@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from bench_sampling import SHIPPED, centre_crop, random_checkpoint
 from machine import machine_line  # benchmarks/ is on sys.path when a script here runs
 from monai.data.utils import dense_patch_slices
 
-from medsr import diffusion
+from medsr import diffusion, sampling
 from medsr.config import SamplingConfig
 from medsr.degrade import parse_spec, upsample
 from medsr.enhance import EnhanceResult, enhance_scan
@@ -65,23 +66,31 @@ class Timing:
 
 
 def _v01_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
-    """MONAI's ``DDIMScheduler.set_timesteps`` spacing, as v0.1 sampled (its last step at t = 0 returns x0)."""
+    """MONAI's ``DDIMScheduler.set_timesteps`` spacing, as v0.1 sampled."""
     return torch.linspace(num_train_timesteps - 1, 0, steps).round().long()
+
+
+def _v01_step(stride: int) -> Callable[..., torch.Tensor]:
+    """v0.1's DDIM update: MONAI's ``step``, always to ``t - T//n`` whatever the next visited timestep is."""
+    def step(x0: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int, alphas: torch.Tensor) -> torch.Tensor:
+        return diffusion.ddim_step(x0, x_t, t, t - stride, alphas)
+    return step
 
 
 def timed_enhance(scan: Scan, model: LoadedModel, opts: SamplingConfig, v01: bool) -> tuple[Timing, EnhanceResult]:
     """(timing, result) of enhancing ``scan`` on one path."""
     configure_inference(model.net, fast=not v01)
-    new_timesteps = diffusion.ddim_timesteps
+    new_timesteps, new_step = diffusion.ddim_timesteps, sampling.ddim_step
     if v01:
-        diffusion.ddim_timesteps = _v01_timesteps  # type: ignore[assignment]
+        diffusion.ddim_timesteps = _v01_timesteps
+        sampling.ddim_step = _v01_step(model.config.diffusion.num_train_timesteps // opts.steps)
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         result = enhance_scan(scan, model, replace(opts, overlap=V01_OVERLAP) if v01 else opts)
         return Timing(time.perf_counter() - t0, time.process_time() - c0), result
     finally:
         configure_inference(model.net, fast=True)
-        diffusion.ddim_timesteps = new_timesteps  # type: ignore[assignment]
+        diffusion.ddim_timesteps, sampling.ddim_step = new_timesteps, new_step
 
 
 def run(deg: Degraded, model: LoadedModel, opts: SamplingConfig, v01: bool) -> tuple[Timing, np.ndarray]:

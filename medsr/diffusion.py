@@ -17,7 +17,8 @@ from medsr.config import DiffusionConfig
 from medsr.errors import MedsrError
 from medsr.model import denoise
 
-__all__ = ["make_train_scheduler", "make_sampler", "ddim_timesteps", "to_target", "from_target", "diffusion_loss"]
+__all__ = ["make_train_scheduler", "make_sampler", "ddim_timesteps", "ddim_step", "to_target", "from_target",
+           "diffusion_loss"]
 
 
 def make_train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -32,8 +33,9 @@ def make_sampler(cfg: DiffusionConfig, kind: str, steps: int) -> DDPMScheduler |
     """A sampling scheduler that is fed the (projected) clean estimate: ``prediction_type="sample"``.
 
     The sampling loop converts the network output to x0 itself, applies data consistency, and hands x0 to the
-    scheduler, so the same MONAI ``step`` serves epsilon and v models. DDPM runs all T steps (SR3's sampler);
-    DDIM (Song et al. 2021) runs ``steps`` with eta = 0 (deterministic after the initial noise).
+    scheduler, so the same update serves epsilon and v models. DDPM runs all T steps (SR3's sampler, MONAI's
+    ``step``); DDIM (Song et al. 2021) runs ``steps`` with eta = 0 (deterministic after the initial noise) on
+    :func:`ddim_timesteps`, moving with :func:`ddim_step`; MONAI's scheduler gives the noise schedule.
     """
     if kind == "ddpm":
         sch: DDPMScheduler | DDIMScheduler = DDPMScheduler(
@@ -53,18 +55,33 @@ def make_sampler(cfg: DiffusionConfig, kind: str, steps: int) -> DDPMScheduler |
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
-    """The timesteps DDIM visits, matched to MONAI's ``DDIMScheduler.step``: ``T-1, T-1-T//n, ...``.
+    """The timesteps DDIM visits: ``T-1 - floor(k·T/n)`` for k = 0..n-1 ("trailing", Lin et al. 2024).
 
-    Why: ``set_timesteps`` (MONAI 1.4-1.6) spreads the steps evenly from T-1 to 0, but ``step`` always moves
-    x to ``t - T//n``. The two disagree, so every network call after the first was told a lower noise level
-    than its input had, and the last call (told t = 0, where x0 ≈ x) passed the leftover noise into the
-    output: about sqrt(1 - ᾱ_11) = 0.037 target units per sample at 10 steps, 0.17 at 5 and 0.96 at 2
-    (huggingface/diffusers#11347 describes the same mismatch). These "trailing" steps (Lin et al. 2024) start
-    at pure noise and are exactly where ``step`` lands; :func:`medsr.sampling.sample` ends on the clean
-    estimate of the last one.
+    Why not MONAI's: ``DDIMScheduler.set_timesteps`` (MONAI 1.4-1.6) spreads the steps evenly from T-1 to 0,
+    but its ``step`` always moves x to ``t - T//n``. The two disagree, so every network call after the first
+    was told a lower noise level than its input had, and the last call (told t = 0, where x0 ≈ x) passed the
+    leftover noise into the output: about sqrt(1 - ᾱ_11) = 0.037 target units per sample at 10 steps, 0.17 at
+    5 and 0.96 at 2 (huggingface/diffusers#11347 describes the same mismatch). These steps start at pure noise
+    and end within T/n of t = 0 for every n (where n divides T they are exactly where ``step`` lands);
+    :func:`ddim_step` moves between them and :func:`medsr.sampling.sample` ends on the last clean estimate.
     """
-    stride = num_train_timesteps // steps
-    return torch.arange(num_train_timesteps - 1, -1, -stride)[:steps].long()
+    k = torch.arange(steps)
+    return (num_train_timesteps - 1 - (k * num_train_timesteps) // steps).long()
+
+
+def ddim_step(x0: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0, Song et al. 2021 eq. 12) from ``t`` to ``t_prev`` given the clean estimate.
+
+    MONAI's ``DDIMScheduler.step`` computes the same update but always to ``t - T//n``; written here so that
+    step counts that do not divide T reach ``t_prev`` exactly. ``t_prev < 0`` means ᾱ = 1: the clean estimate.
+    """
+    if t_prev < 0:
+        return x0
+    a_t = alphas_cumprod[t].to(x_t.device, x_t.dtype)
+    a_prev = alphas_cumprod[t_prev].to(x_t.device, x_t.dtype)
+    eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
 def to_target(hr: torch.Tensor, cond: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:

@@ -17,7 +17,7 @@ from monai.inferers import sliding_window_inference
 
 from medsr.config import DiffusionConfig, SamplingConfig
 from medsr.degrade import DegradeSpec
-from medsr.diffusion import from_target, make_sampler, to_clean_estimate, to_target
+from medsr.diffusion import ddim_step, from_target, make_sampler, to_clean_estimate, to_target
 from medsr.model import denoise, input_layout
 from medsr.runtime import autocast_context
 
@@ -132,10 +132,8 @@ def sample(
         if use_projection:
             img = spec.project(from_target(x0, cond, cfg), lowres)  # type: ignore[union-attr,arg-type]
             x0 = to_target(img, cond, cfg)
-        if sampler == "ddim" and i == len(timesteps) - 1:  # DDIM's last step lands on ᾱ = 1: the clean estimate
-            x = x0
-        elif sampler == "ddim":  # eta = 0: no noise is drawn, so the whole batch takes its step in one call
-            x = sch.step(x0, t, x)[0]
+        if sampler == "ddim":  # eta = 0: no noise is drawn, so the whole batch takes its step in one call
+            x = ddim_step(x0, x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, alphas)
         else:
             x = torch.cat([sch.step(x0[b:b + 1], t, x[b:b + 1], generator=g)[0] for b, g in enumerate(generators)])
         if on_step is not None:
