@@ -47,7 +47,7 @@ from medsr.uncertainty import (
 )
 from pipelines.model_card_study import centre_crop
 
-STEPS = 10  # DDIM steps of the cached enhancement (the defaults); set from --steps
+STEPS = EnhanceOptions().steps  # DDIM steps of the cached enhancement (the defaults); set from --steps
 PATCH = 8  # in-plane patch of the per-patch rank correlation, as in medsr.evaluate
 INIA19 = "/usr/share/mricron/templates/inia19-t1-brain.nii.gz"
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
+from medsr.config import SamplingConfig
 from medsr.degrade import parse_spec, upsample
 
 SPEC = parse_spec("block:4x4")
@@ -28,9 +29,11 @@ def _metrics(pred: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     return psnr, ssim
 
 
-def table(cache: Path) -> list[dict[str, float | str]]:
+def table(cache: Path, samples: int = SamplingConfig().samples,
+          steps: int = SamplingConfig().steps) -> list[dict[str, float | str]]:
+    """One row per cached scan enhanced with ``samples`` x ``steps`` (the cache may hold other settings too)."""
     rows: list[dict[str, float | str]] = []
-    for path in sorted(cache.glob("*.npz")):
+    for path in sorted(cache.glob(f"*-s{samples}-k{steps}-*.npz")):
         data = np.load(path)
         truth = torch.from_numpy(data["truth"]).float().permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
         mean = torch.from_numpy(data["samples"].mean(0)).float().permute(2, 0, 1)[:, None]
@@ -46,8 +49,10 @@ def table(cache: Path) -> list[dict[str, float | str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path("/work/runs/calib_cache"))
+    parser.add_argument("--samples", type=int, default=SamplingConfig().samples)
+    parser.add_argument("--steps", type=int, default=SamplingConfig().steps)
     args = parser.parse_args()
-    rows = table(args.cache)
+    rows = table(args.cache, args.samples, args.steps)
     print("| scan | slices | PSNR bicubic | PSNR one sample | PSNR mean | gain | SSIM bicubic | SSIM mean | gain |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

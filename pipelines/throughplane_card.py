@@ -277,7 +277,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--adapt", type=int, default=20, help="--adapt steps (0: no adaptation rows)")
     parser.add_argument("--crop", type=int, default=48, help="MR template crop (voxels per axis)")
     parser.add_argument("--timing-size", type=int, default=64)
