@@ -78,6 +78,9 @@ def review_figure(
     planes = [_plane(v, slice_axis, index) for v in (low_fine, mean, std)]
     vmin, vmax = np.percentile(planes[1], [1, 99.5])
     smax = max(float(np.percentile(planes[2], 99.5)), 1e-6)
+    # the scale starts at the map's floor (its 1st percentile: the input's noise, everywhere), so what stands out
+    # is where the model is less sure than that; the colour bar gives the values in scan units
+    smin = min(float(np.percentile(planes[2], 1)), 0.9 * smax)
     # zoom on the most uncertain window (a quarter of the plane)
     h, w = planes[1].shape
     zh, zw = max(8, h // 4), max(8, w // 4)
@@ -93,7 +96,7 @@ def review_figure(
     axes[1].set_title("enhanced (posterior mean)")
     axes[1].add_patch(Rectangle((c - 0.5, r - 0.5), zw, zh, fill=False, ec="yellow", lw=1.5))
     axes[2].imshow(planes[1], cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
-    heat = axes[2].imshow(planes[2], cmap="inferno", vmin=0, vmax=smax, alpha=0.75, origin="lower")
+    heat = axes[2].imshow(planes[2], cmap="inferno", vmin=smin, vmax=smax, alpha=0.75, origin="lower")
     fig.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.02, label=f"{heat_label} {units}".strip())
     axes[2].set_title(heat_title)
     detail = np.concatenate([planes[0][zoom], np.full((zh, max(1, zw // 16)), vmax), planes[1][zoom]], axis=1)
