@@ -129,10 +129,19 @@ def inline_run(folder_archive: Path, tiny_model: Path, tmp_path_factory: pytest.
 
 
 def _spawned_workers(pid: int) -> list[Any]:
+    """The live dask worker processes under ``pid``. Short-lived children (dask and multiprocessing helpers) may
+    exit or linger as zombies between listing and reading their command line: they are not workers."""
     import psutil
 
-    return [p for p in psutil.Process(pid).children(recursive=True)
-            if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+    workers = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if "spawn_main" in cmd and "resource_tracker" not in cmd:
+            workers.append(p)
+    return workers
 
 
 @pytest.mark.slow  # a dask cluster of two processes and a kill; ~30-60 s on a shared 2-core machine
