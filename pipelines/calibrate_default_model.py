@@ -92,6 +92,14 @@ def weights_id(model: LoadedModel) -> str:
     return h.hexdigest()[:8]
 
 
+SAMPLER_TAG = "tt"  # DDIM on the trailing timesteps (medsr.diffusion.ddim_timesteps); older caches differ
+
+
+def cache_glob(samples: int, steps: int) -> str:
+    """The cache files of :func:`enhance_cached` made with ``samples`` x ``steps`` on the current sampler."""
+    return f"*-s{samples}-k{steps}-c*-{SAMPLER_TAG}*.npz"
+
+
 def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache: Path) -> dict[str, np.ndarray]:
     """Truth, degraded input and the samples (all normalised with the truth's normaliser) for every slice of
     ``item``, and each slice's intensity range.
@@ -101,8 +109,8 @@ def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache
     cropped after; other degradations crop first (``-ld`` in the key tells the two apart).
     """
     whole_slice = model.degradation.kind == "lowdose"
-    # "-tt": DDIM on the trailing timesteps (medsr.diffusion.ddim_timesteps); samples cached before that fix differ
-    key = f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}-tt{'-ld' if whole_slice else ''}"
+    key = (f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}-{SAMPLER_TAG}"
+           f"{'-ld' if whole_slice else ''}")
     path = cache / f"{key}.npz"
     if path.is_file():
         with np.load(path) as z:

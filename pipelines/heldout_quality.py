@@ -19,6 +19,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from medsr.config import SamplingConfig
 from medsr.degrade import parse_spec, upsample
+from pipelines.calibrate_default_model import cache_glob
 
 SPEC = parse_spec("block:4x4")
 
@@ -33,7 +34,7 @@ def table(cache: Path, samples: int = SamplingConfig().samples,
           steps: int = SamplingConfig().steps) -> list[dict[str, float | str]]:
     """One row per cached scan enhanced with ``samples`` x ``steps`` (the cache may hold other settings too)."""
     rows: list[dict[str, float | str]] = []
-    for path in sorted(cache.glob(f"*-s{samples}-k{steps}-*.npz")):
+    for path in sorted(cache.glob(cache_glob(samples, steps))):
         data = np.load(path)
         truth = torch.from_numpy(data["truth"]).float().permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
         mean = torch.from_numpy(data["samples"].mean(0)).float().permute(2, 0, 1)[:, None]
