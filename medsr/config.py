@@ -54,6 +54,10 @@ class AugmentConfig:
         gamma_range: the gamma is drawn uniformly in this range.
         noise_prob: probability of adding Gaussian noise to the patch (so target and input both carry it).
         noise_std: noise std in normalised units is drawn uniformly in ``[0, noise_std]``.
+        lowdose_noise_scale: ``(min, max)``: low-dose specs only, the cached low-dose noise of each patch is
+            multiplied by a factor drawn log-uniformly in this range, so the model sees the noise levels of
+            other doses, pixel sizes and patient sizes than its training scans' (a quarter-dose slice with
+            0.29 mm pixels is twice as noisy as one with 0.96 mm pixels). ``(1, 1)``: off.
     """
 
     flip_prob: float = 0.0
@@ -64,6 +68,7 @@ class AugmentConfig:
     gamma_range: tuple[float, float] = (0.7, 1.5)
     noise_prob: float = 0.0
     noise_std: float = 0.02
+    lowdose_noise_scale: tuple[float, float] = (1.0, 1.0)
 
 
 @dataclass

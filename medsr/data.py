@@ -124,6 +124,20 @@ def build_augment(cfg: AugmentConfig, patch_size: Sequence[int], factors: Sequen
     return Compose(chain) if chain else None
 
 
+def _noise_scale(augment: AugmentConfig | None, spec: DegradeSpec,
+                 lowdose_cache: str | Path | None) -> tuple[float, float] | None:
+    """The checked ``lowdose_noise_scale`` range, or None when it is off."""
+    if augment is None or tuple(augment.lowdose_noise_scale) == (1.0, 1.0):
+        return None
+    lo, hi = (float(x) for x in augment.lowdose_noise_scale)
+    if not 0.0 < lo <= hi:
+        raise MedsrError(f"data.augment.lowdose_noise_scale must be (min, max) with 0 < min <= max, got {(lo, hi)}")
+    if spec.kind != "lowdose" or spec.dose >= 1.0 or lowdose_cache is None:
+        raise MedsrError(f"data.augment.lowdose_noise_scale scales the cached low-dose noise; degradation {spec} "
+                         "has none (it needs a lowdose spec with dose < 1 and a noise cache)")
+    return lo, hi
+
+
 class PatchDataset(Dataset):
     """``length`` reproducible patch pairs from ``volumes``.
 
@@ -170,6 +184,7 @@ class PatchDataset(Dataset):
             for transform in self.augment.transforms:
                 transform.set_random_state(state=self._augment_state)
         self.noise: list[np.ndarray] | None = None
+        self.noise_scale = _noise_scale(augment, spec, lowdose_cache)
         if lowdose_cache is not None and spec.kind == "lowdose" and spec.dose < 1.0:
             if len(self.slice_axes) > 1:  # the cached noise is simulated in the planes across slice_axis only
                 raise MedsrError(f"low-dose noise cache is made across slice_axis {self.slice_axis}; it cannot serve "
@@ -226,6 +241,8 @@ class PatchDataset(Dataset):
         params = draw_params(self.spec, rng)
         if self.noise is not None:  # whole-slice low-dose noise, made once, cut at the patch's place
             noise = self._cut(self.noise[v][int(rng.integers(len(self.noise[v])))], pad, where, axis)
+            if self.noise_scale is not None:  # drawn only then: items without it stay those of older versions
+                noise = noise.astype(np.float32) * float(np.exp(rng.uniform(*np.log(self.noise_scale))))
             lowres = self.spec.forward(hr + torch.from_numpy(noise.astype(np.float32))[None, None])
         else:
             in_plane = [s for a, s in enumerate(vol.spacing) if a != axis or len(self.patch_size) == 3]

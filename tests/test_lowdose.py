@@ -15,6 +15,7 @@ from enhance_fixtures import DICOM_REF, ct_small, tiny_config, write_tiny_checkp
 from typer.testing import CliRunner
 
 import medsr.cli
+from medsr.config import AugmentConfig
 from medsr.data import PatchDataset, Volume, load_volumes
 from medsr.degrade import (
     LowDoseModel,
@@ -261,6 +262,38 @@ def test_enhance_with_a_lowdose_checkpoint_keeps_the_grid(tmp_path: Path) -> Non
     # an untrained denoiser stays close to the input: same anatomy, HU scale kept
     corr = np.corrcoef(mean.array.ravel(), src.array.ravel())[0, 1]
     assert corr > 0.9, corr
+
+
+def test_noise_scale_augmentation_scales_the_cached_noise_within_its_range(tmp_path: Path) -> None:
+    """Each patch's low-dose noise is the unscaled item's noise times one factor from the range; factors vary."""
+    vols = load_volumes(["pydicom:CT_small.dcm"], IntensityConfig())
+    spec = parse_spec("lowdose:1x1,dose=0.25")
+    plain = PatchDataset(vols, spec, (32, 32), 12, seed=0, lowdose_cache=tmp_path)
+    off = PatchDataset(vols, spec, (32, 32), 12, seed=0, lowdose_cache=tmp_path, augment=AugmentConfig())
+    scaled = PatchDataset(vols, spec, (32, 32), 12, seed=0, lowdose_cache=tmp_path,
+                          augment=AugmentConfig(lowdose_noise_scale=(0.5, 2.5)))
+    factors = []
+    for i in range(12):
+        a, b = plain[i], scaled[i]
+        assert torch.equal(off[i]["lowres"], a["lowres"])  # (1, 1) is off: the same items as without it
+        assert torch.equal(a["hr"], b["hr"])  # same place, same realisation: only the noise's size changes
+        na, nb = (a["lowres"] - a["hr"]).flatten(), (b["lowres"] - b["hr"]).flatten()
+        k = float(nb @ na / (na @ na))
+        torch.testing.assert_close(nb, k * na, atol=2e-6, rtol=1e-4)
+        assert 0.5 - 1e-4 <= k <= 2.5 + 1e-4
+        factors.append(k)
+    assert max(factors) / min(factors) > 1.5
+    assert torch.equal(scaled[5]["lowres"], scaled[5]["lowres"])  # reproducible
+
+
+@pytest.mark.parametrize("spec_text, scale, message", [("lowdose:1x1,dose=0.25", (2.0, 1.0), "0 < min <= max"),
+                                                      ("block:2x2", (0.5, 2.0), "has none")])
+def test_noise_scale_augmentation_refuses_bad_ranges_and_specs_without_lowdose_noise(
+        tmp_path: Path, spec_text: str, scale: tuple[float, float], message: str) -> None:
+    vol = Volume("v", np.zeros((8, 8, 8), np.float32), np.zeros((0, 3), np.int32))
+    with pytest.raises(MedsrError, match=message):
+        PatchDataset([vol], parse_spec(spec_text), (8, 8), 4, lowdose_cache=tmp_path / "cache",
+                     augment=AugmentConfig(lowdose_noise_scale=scale))
 
 
 def test_noise_cache_refuses_patches_cut_across_several_axes(tmp_path: Path) -> None:
