@@ -150,6 +150,8 @@ def enhance(
                 result = enhance_with_choice(scan, loaded, choice, options, progress)
             if adapted is not None:
                 result.info["adapt"] = adapted
+            if result.info["calibration"].get("mismatch"):
+                typer.echo(f"note: {shown}: interval {result.info['calibration']['mismatch']}", err=True)
             folder = write_outputs(scan, result, loaded, options, out, name=dest.folder.name, formats=formats,
                                    save_samples=save_samples, inputs=sources)
             shown = printable(spelled.get(Path(path).resolve(), str(path)))

@@ -178,7 +178,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         kept_np = np.stack([norm.denormalise(to_volume(kept[i])) for i in range(kept.shape[0])])
     timings = {"prepare_s": t1 - t0, "sampling_s": t2 - t1, "total_s": time.perf_counter() - t0}
     info = {"slice_axis": axis, "window": list(window), "device": str(device), "amp": amp,
-            "normaliser": norm.to_dict(), "calibration": {"applied": cal_key or "none", **cal.to_dict()}}
+            "normaliser": norm.to_dict(), "calibration": cal.to_report(cal_key, opt.samples, opt.steps, opt.sampler)}
     return EnhanceResult(mean_s, std_s, q05_s, q95_s, score, consistency, factors, method, timings, kept_np, info)
 
 

@@ -50,9 +50,7 @@ def _review_title(result: EnhanceResult, options: EnhanceOptions) -> str:
         return head + "Heat: half-width of the raw 5-95% sample interval (NOT calibrated: read as relative)"
     where = (f"calibrated on {cal['n']} held-out {cal['applied']} scans" if cal.get("n") else
              "single v0.1 spread factor, no guarantee")
-    fitted_at = int(cal.get("details", {}).get("samples") or 0)
-    caveat = f" [fitted with {fitted_at} samples: not valid at {options.samples}]" if fitted_at not in (
-        0, options.samples) else ""
+    caveat = f" [{cal['mismatch']}]" if cal.get("mismatch") else ""
     return (head + f"Heat: 90% of true values should lie within ± this ({where}); "
                    f"mean {result.score.halfwidth_pct:.2f}% of range{caveat}")
 

@@ -311,6 +311,27 @@ class Calibration:
         """What the raw sample std is multiplied by in the std output."""
         return self.scale / NORMAL_Z if self.basis in ("std", "std_noise") else self.scale
 
+    def mismatch(self, samples: int, steps: int, sampler: str = "ddim") -> str:
+        """Why λ does not apply to a run with these sampling settings ("" when it does, or nothing is recorded).
+
+        λ is fitted at one number of samples and DDIM steps (stored in ``details``): the spread, and so the
+        coverage of ``mean ± λ·spread``, changes with both, so another setting has no measured coverage.
+        """
+        fitted = {k: int(self.details[k]) for k in ("samples", "steps")
+                  if math.isfinite(self.details.get(k, math.inf))}
+        if not fitted:
+            return ""
+        used = {"samples": int(samples), "steps": int(steps) if sampler == "ddim" else -1}
+        if all(used[k] == v for k, v in fitted.items()):
+            return ""
+        run = f"{samples} samples x " + (f"{steps} DDIM steps" if sampler == "ddim" else "DDPM")
+        return (f"calibrated at {fitted.get('samples', '?')} samples x {fitted.get('steps', '?')} DDIM steps; "
+                f"this run used {run}, where its coverage was not measured")
+
+    def to_report(self, key: str, samples: int, steps: int, sampler: str = "ddim") -> dict[str, Any]:
+        """What report.json says about the interval of one run: which calibration, and whether it applies."""
+        return {"applied": key or "none", **self.to_dict(), "mismatch": self.mismatch(samples, steps, sampler)}
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (a bound that does not exist, inf, is stored as None)."""
         return {"scale": float(self.scale), "basis": self.basis, "alpha": float(self.alpha),

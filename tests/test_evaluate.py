@@ -20,7 +20,7 @@ from medsr.evaluate import degrade_scan
 from medsr.io import coarse_affine, crop_to_factors, load_scan, refined_affine, save_nifti
 from medsr.io.refs import resolve_ref
 from medsr.model import checkpoint_payload, load_checkpoint, load_model, save_checkpoint, write_untrained_checkpoint
-from medsr.outputs import build_report
+from medsr.outputs import _review_title, build_report
 from medsr.uncertainty import Calibration, ModelCalibration, fit_spread_calibration, normalised_scores
 
 VOLUME = "nibabel:anatomical.nii"  # real T1, 33x41x25, 2 mm isotropic
@@ -176,7 +176,8 @@ def test_calibration_round_trips_through_the_checkpoint_and_reaches_report_json(
                                                                                  tmp_path: Path) -> None:
     """A stored per-modality λ is what enhance applies (mean ± λ·std) and what report.json states."""
     ckpt = load_checkpoint(model_path)
-    cal = ModelCalibration({"CT": Calibration(4.0, "std", n=2, scans=("bad_sequence", "eCT_Supplemental")),
+    cal = ModelCalibration({"CT": Calibration(4.0, "std", n=2, scans=("bad_sequence", "eCT_Supplemental"),
+                                              details={"samples": 3.0, "steps": 1.0}),
                             "MR": Calibration(2.0, "std", n=2, scans=("MR2_UNCR", "inia19"))})
     path = save_checkpoint(tmp_path / "cal.pt", {**ckpt, "calibration": cal.to_checkpoint()})
     model = load_model(path)
@@ -194,10 +195,29 @@ def test_calibration_round_trips_through_the_checkpoint_and_reaches_report_json(
     assert rep["calibration"]["applied"] == "CT" and rep["calibration"]["scans"] == ["bad_sequence", "eCT_Supplemental"]
     assert rep["calibration"]["n"] == 2 and rep["calibration"]["guarantee"] == "none"
     assert rep["interval"]["method"] == "normal"
+    assert rep["calibration"]["mismatch"] == ""  # run at the settings λ was fitted at
     half = 0.5 * (result.q95.array[0] - result.q05.array[0])
     body = result.mean.array[0] > -1024.0 + 0.1 * 2048.0  # foreground_threshold -0.8 in the CT window
     assert rep["score"]["halfwidth_scan_units"] == pytest.approx(float(half[body].mean()), rel=1e-4)
     assert rep["score"]["value"] == pytest.approx(100 * float(half[body].mean()) / 2048.0, rel=1e-4)
+
+
+def test_a_run_at_other_sampling_settings_than_the_calibration_says_so(model_path: Path, tmp_path: Path) -> None:
+    """λ is fitted at one samples x steps; another setting's coverage is unmeasured: report.json, figure title."""
+    cal = Calibration(4.0, "std", n=2, details={"samples": 3.0, "steps": 1.0})
+    assert cal.mismatch(3, 1) == "" and Calibration(4.0, "std").mismatch(5, 9) == ""  # nothing recorded: silent
+    assert "3 samples x 1 DDIM steps" in cal.mismatch(3, 2) and "3 samples x 2 DDIM steps" in cal.mismatch(3, 2)
+    assert "4 samples" in cal.mismatch(4, 1) and "DDPM" in cal.mismatch(3, 1, "ddpm")
+    path = save_checkpoint(tmp_path / "cal.pt", {**load_checkpoint(model_path),
+                                                 "calibration": ModelCalibration({"CT": cal}).to_checkpoint()})
+    model = load_model(path)
+    scan = load_scan(resolve_ref(SLICE))
+    scan = scan.with_array(scan.array[:, 32:64, 32:64])
+    opt = EnhanceOptions(samples=2, steps=1, device="cpu")
+    result = enhance_scan(scan, model, opt)
+    rep = build_report(scan, result, model, opt)
+    assert rep["calibration"]["mismatch"] == cal.mismatch(2, 1) != ""
+    assert cal.mismatch(2, 1) in _review_title(result, opt)
 
 
 def test_v01_checkpoint_with_a_float_calibration_still_loads_and_runs(model_path: Path, tmp_path: Path) -> None:
