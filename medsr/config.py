@@ -195,6 +195,9 @@ class SamplingConfig:
         batch_size: images per network call (samples x slices).
         keep_samples: keep every sample (``samples.nii.gz``; empirical quantiles).
         slice_axis: 2D models: the array axis to slice across; None: chosen from the scan.
+        share_first_step: DDIM: the first step's clean estimate is made once per image and shared by its
+            samples (:func:`medsr.sampling.sample`, ``first``): ``1 + samples x (steps - 1)`` network passes
+            instead of ``samples x steps``.
     """
 
     samples: int = 8
@@ -209,6 +212,7 @@ class SamplingConfig:
     batch_size: int = 16
     keep_samples: bool = False
     slice_axis: int | None = None
+    share_first_step: bool = False
 
     def __post_init__(self) -> None:
         checks = [

@@ -79,6 +79,9 @@ def volume_factors(spec: DegradeSpec, slice_axis: int | None) -> tuple[int, int,
     return tuple(full)  # type: ignore[return-value]
 
 
+FIRST_STEP_STREAM = 2**32 - 1  # the seed stream of a shared first step (sample indices never reach it)
+
+
 def _seed(seed: int, sample_index: int, slice_index: int) -> int:
     return int(np.random.SeedSequence([seed, sample_index, slice_index]).generate_state(1)[0])
 
@@ -123,6 +126,13 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         cond = upsample(y, spec.factors)
         stats = RunningStats()
         samples: list[torch.Tensor] = []
+        first = None
+        if opt.share_first_step and opt.sampler == "ddim":  # one first-step pass per slice, from its own noise
+            first = sample(model.net, cfg.diffusion, cond,
+                           [torch.Generator(device=device).manual_seed(_seed(opt.seed, FIRST_STEP_STREAM, j))
+                            for j in range(start, stop)], steps=opt.steps, lowres=y, spec=spec, project=opt.project,
+                           roi_size=window, overlap=opt.overlap, sw_batch_size=opt.batch_size, amp=amp,
+                           first_only=True)
         group = max(1, opt.batch_size // (stop - start))
         for s0 in range(0, opt.samples, group):
             s1 = min(opt.samples, s0 + group)
@@ -139,7 +149,8 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
             x = sample(model.net, cfg.diffusion, cond.repeat(reps, *[1] * (cond.ndim - 1)), gens,
                        sampler=opt.sampler, steps=opt.steps, lowres=y.repeat(reps, *[1] * (y.ndim - 1)), spec=spec,
                        project=opt.project, roi_size=window, overlap=opt.overlap, sw_batch_size=opt.batch_size,
-                       amp=amp, on_step=step_done)
+                       amp=amp, on_step=step_done,
+                       first=None if first is None else first.repeat(reps, *[1] * (first.ndim - 1)))
             x = x.reshape(reps, stop - start, *x.shape[1:])[:, :, 0].float().cpu()
             if not bool(torch.isfinite(x).all()):  # never write an all-NaN "result" (damaged weights, overflow)
                 raise MedsrError(f"{scan.source}: the model {model.path} produced NaN/Inf values; its weights may "
@@ -178,7 +189,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         kept_np = np.stack([norm.denormalise(to_volume(kept[i])) for i in range(kept.shape[0])])
     timings = {"prepare_s": t1 - t0, "sampling_s": t2 - t1, "total_s": time.perf_counter() - t0}
     info = {"slice_axis": axis, "window": list(window), "device": str(device), "amp": amp,
-            "normaliser": norm.to_dict(), "calibration": cal.to_report(cal_key, opt.samples, opt.steps, opt.sampler)}
+            "normaliser": norm.to_dict(), "calibration": cal.to_report(cal_key, opt)}
     return EnhanceResult(mean_s, std_s, q05_s, q95_s, score, consistency, factors, method, timings, kept_np, info)
 
 

@@ -100,6 +100,8 @@ def sample(
     sw_batch_size: int = _DEFAULTS.batch_size,
     amp: str = "none",
     on_step: Callable[[int, int], None] | None = None,
+    first: torch.Tensor | None = None,
+    first_only: bool = False,
 ) -> torch.Tensor:
     """Draw one sample per batch element.
 
@@ -114,12 +116,24 @@ def sample(
             projection and ``project`` is true.
         roi_size: sliding-window size in fine voxels (None: the whole image at once).
         on_step: called with (step index, number of steps) for progress bars.
+        first: DDIM only: ``(B, 1, *spatial)`` the first step's clean estimate (target units), made once per
+            item with ``first_only`` and shared by that item's samples; each sample still takes the DDIM step
+            from its own noise, so samples differ. None: every sample makes its own.
+        first_only: return the first step's clean estimate (target units) instead of a sample.
+
+    Why sharing the first step is sound: at t = T-1 the network's input holds sqrt(alpha_bar) (0.006 for the
+    linear schedule) of the signal, so its estimate hardly depends on the noise drawn (model card: at one step
+    the samples of an item are within 0.05 dB PSNR of their mean); one call per item replaces one per sample.
 
     Returns:
         ``(B, 1, *spatial)`` the samples, normalised units.
     """
     if len(generators) != cond.shape[0]:
         raise ValueError(f"need one generator per batch element: {len(generators)} vs {cond.shape[0]}")
+    if (first is not None or first_only) and sampler != "ddim":
+        raise ValueError("a shared first step is a DDIM step: sampler must be ddim")
+    if first is not None and first.shape != cond.shape:
+        raise ValueError(f"first estimate {tuple(first.shape)} does not match the condition {tuple(cond.shape)}")
     sch = make_sampler(cfg, sampler, steps)
     alphas = sch.alphas_cumprod
     x = torch.stack([torch.randn(cond.shape[1:], generator=g, device=cond.device) for g in generators])
@@ -127,11 +141,16 @@ def sample(
     timesteps = [int(t) for t in sch.timesteps]
     weights = blend_weights(roi_size, cond.device)
     for i, t in enumerate(timesteps):
-        out = denoise_full(net, x, cond, t, roi_size, overlap, sw_batch_size, amp, weights)
-        x0 = to_clean_estimate(out, x, t, cfg, alphas)
-        if use_projection:
-            img = spec.project(from_target(x0, cond, cfg), lowres)  # type: ignore[union-attr,arg-type]
-            x0 = to_target(img, cond, cfg)
+        if i == 0 and first is not None:
+            x0 = first.to(x.dtype)
+        else:
+            out = denoise_full(net, x, cond, t, roi_size, overlap, sw_batch_size, amp, weights)
+            x0 = to_clean_estimate(out, x, t, cfg, alphas)
+            if use_projection:
+                img = spec.project(from_target(x0, cond, cfg), lowres)  # type: ignore[union-attr,arg-type]
+                x0 = to_target(img, cond, cfg)
+        if first_only:
+            return x0
         if sampler == "ddim":  # eta = 0: no noise is drawn, so the whole batch takes its step in one call
             x = ddim_step(x0, x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, alphas)
         else:

@@ -311,26 +311,33 @@ class Calibration:
         """What the raw sample std is multiplied by in the std output."""
         return self.scale / NORMAL_Z if self.basis in ("std", "std_noise") else self.scale
 
-    def mismatch(self, samples: int, steps: int, sampler: str = "ddim") -> str:
+    def mismatch(self, samples: int, steps: int, sampler: str = "ddim", shared_first_step: bool = False) -> str:
         """Why λ does not apply to a run with these sampling settings ("" when it does, or nothing is recorded).
 
-        λ is fitted at one number of samples and DDIM steps (stored in ``details``): the spread, and so the
-        coverage of ``mean ± λ·spread``, changes with both, so another setting has no measured coverage.
+        λ is fitted at one number of samples and DDIM steps, with or without a shared first step (stored in
+        ``details``): the spread, and so the coverage of ``mean ± λ·spread``, changes with each, so another
+        setting has no measured coverage.
         """
-        fitted = {k: int(self.details[k]) for k in ("samples", "steps")
+        fitted = {k: int(self.details[k]) for k in ("samples", "steps", "shared_first_step")
                   if math.isfinite(self.details.get(k, math.inf))}
         if not fitted:
             return ""
-        used = {"samples": int(samples), "steps": int(steps) if sampler == "ddim" else -1}
+        used = {"samples": int(samples), "steps": int(steps) if sampler == "ddim" else -1,
+                "shared_first_step": int(bool(shared_first_step) and sampler == "ddim")}
         if all(used[k] == v for k, v in fitted.items()):
             return ""
-        run = f"{samples} samples x " + (f"{steps} DDIM steps" if sampler == "ddim" else "DDPM")
-        return (f"calibrated at {fitted.get('samples', '?')} samples x {fitted.get('steps', '?')} DDIM steps; "
-                f"this run used {run}, where its coverage was not measured")
 
-    def to_report(self, key: str, samples: int, steps: int, sampler: str = "ddim") -> dict[str, Any]:
-        """What report.json says about the interval of one run: which calibration, and whether it applies."""
-        return {"applied": key or "none", **self.to_dict(), "mismatch": self.mismatch(samples, steps, sampler)}
+        def said(n: int, k: int, shared: int) -> str:
+            return f"{n} samples x " + (f"{k} DDIM steps" if k > 0 else "DDPM") + (", first step shared" * shared)
+
+        at = said(fitted.get("samples", 0), fitted.get("steps", 0), fitted.get("shared_first_step", 0))
+        return f"calibrated at {at}; this run used {said(*used.values())}, where its coverage was not measured"
+
+    def to_report(self, key: str, opt: Any) -> dict[str, Any]:
+        """What report.json says about the interval of one run (``opt``: its SamplingConfig): which
+        calibration, and whether it applies."""
+        return {"applied": key or "none", **self.to_dict(),
+                "mismatch": self.mismatch(opt.samples, opt.steps, opt.sampler, opt.share_first_step)}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (a bound that does not exist, inf, is stored as None)."""

@@ -47,7 +47,6 @@ from medsr.uncertainty import (
 )
 from pipelines.model_card_study import centre_crop
 
-STEPS = EnhanceOptions().steps  # DDIM steps of the cached enhancement (the defaults); set from --steps
 PATCH = 8  # in-plane patch of the per-patch rank correlation, as in medsr.evaluate
 INIA19 = "/usr/share/mricron/templates/inia19-t1-brain.nii.gz"
 
@@ -92,25 +91,29 @@ def weights_id(model: LoadedModel) -> str:
     return h.hexdigest()[:8]
 
 
-SAMPLER_TAG = "tt"  # DDIM on the trailing timesteps (medsr.diffusion.ddim_timesteps); older caches differ
+def sampler_tag(share_first_step: bool) -> str:
+    """The sampler part of a cache key: "tt" DDIM on the trailing timesteps (medsr.diffusion.ddim_timesteps;
+    older caches differ), "sf" the same with the first step shared by an image's samples."""
+    return "sf" if share_first_step else "tt"
 
 
-def cache_glob(samples: int, steps: int) -> str:
+def cache_glob(samples: int, steps: int, share_first_step: bool = False) -> str:
     """The cache files of :func:`enhance_cached` made with ``samples`` x ``steps`` on the current sampler."""
-    return f"*-s{samples}-k{steps}-c*-{SAMPLER_TAG}*.npz"
+    return f"*-s{samples}-k{steps}-c*-{sampler_tag(share_first_step)}*.npz"
 
 
 def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache: Path) -> dict[str, np.ndarray]:
     """Truth, degraded input and the samples (all normalised with the truth's normaliser) for every slice of
     ``item``, and each slice's intensity range.
 
-    Slices are concatenated along Z. Cached as ``cache/NAME-<weights id>-s<samples>-k<steps>-c<crop>-tt.npz``.
+    Slices are concatenated along Z. Cached as ``cache/NAME-<weights id>-s<samples>-k<steps>-c<crop>-<sampler>.npz``
+    (:func:`sampler_tag`).
     A low-dose model's input is simulated on the whole slice (attenuation and streaks come from all of it) and
     cropped after; other degradations crop first (``-ld`` in the key tells the two apart).
     """
     whole_slice = model.degradation.kind == "lowdose"
-    key = (f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}-{SAMPLER_TAG}"
-           f"{'-ld' if whole_slice else ''}")
+    key = (f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}-"
+           f"{sampler_tag(opt.share_first_step)}{'-ld' if whole_slice else ''}")
     path = cache / f"{key}.npz"
     if path.is_file():
         with np.load(path) as z:
@@ -160,6 +163,7 @@ class ScanStats:
     half_range: float  # scan units per normalised unit (HU for CT)
     samples: int  # diffusion samples per voxel behind mean and std
     noise: np.ndarray  # (1, 1, Z): the truth's white noise implied by each slice's input (medsr.noise_floor)
+    sampling: dict[str, float]  # DDIM steps and shared first step of the samples (recorded with a fitted λ)
 
     def spread(self, basis: str) -> np.ndarray:
         return np.sqrt(self.std**2 + self.noise**2) if basis == "std_noise" else self.std
@@ -177,7 +181,9 @@ class ScanStats:
 
 
 def scan_stats(name: str, modality: str, data: dict[str, np.ndarray], threshold: float, spec: DegradeSpec,
-               samples: int | None = None) -> ScanStats:
+               opt: EnhanceOptions, samples: int | None = None) -> ScanStats:
+    """``data`` (from :func:`enhance_cached` with ``opt``) reduced to what calibration needs; ``samples``: only the
+    first so many samples (the sample-count study)."""
     x = torch.from_numpy(data["samples"][:samples] if samples else data["samples"]).float()
     mean, std = x.mean(0), x.std(0)
     lo, hi, _ = interval(mean, std, x)  # raw: what enhance computes before calibration
@@ -185,7 +191,8 @@ def scan_stats(name: str, modality: str, data: dict[str, np.ndarray], threshold:
     low = spec.forward(torch.from_numpy(truth).movedim(-1, 0)[:, None])  # each slice's input, as enhance saw it
     noise = fine_noise_sigma(low, spec).numpy().reshape(1, 1, -1) if spec.white_noise_gain else np.zeros((1, 1, 1))
     return ScanStats(name, modality, truth, mean.numpy(), std.numpy(), lo.numpy(), hi.numpy(), truth > threshold,
-                     float(np.mean(data["range"])) / 2.0, int(x.shape[0]), noise)
+                     float(np.mean(data["range"])) / 2.0, int(x.shape[0]), noise,
+                     {"steps": float(opt.steps), "shared_first_step": float(opt.share_first_step)})
 
 
 def measure(s: ScanStats, cal: Calibration) -> dict[str, Any]:
@@ -208,7 +215,7 @@ def fit(stats: list[ScanStats], basis: str) -> Calibration:
     return Calibration(scale, basis, f.alpha, f.delta, guarantee, f.n, tuple(s.name for s in stats),
                        {"empirical": f.empirical, "crc": f.crc, "rcps": f.rcps, "hoeffding_slack": f.hoeffding_slack,
                         "crc_min_n": f.crc_min_n, "rcps_min_n": f.rcps_min_n,
-                        "samples": float(stats[0].samples), "steps": float(STEPS)})
+                        "samples": float(stats[0].samples), **stats[0].sampling})
 
 
 def group(s: ScanStats) -> str:
@@ -285,12 +292,14 @@ def main() -> None:
     parser.add_argument("--export", default=None, help="write the chosen calibration (JSON) here, for "
                         "pipelines.export_default_model --calibration-json")
     parser.add_argument("--basis", default="std_noise", choices=list(BASES))
+    parser.add_argument("--share-first-step", action=argparse.BooleanOptionalAction,
+                        default=EnhanceOptions().share_first_step,
+                        help="one first DDIM step per image, shared by its samples")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    global STEPS
-    STEPS = args.steps
     model = load_model(args.model)
-    opt = EnhanceOptions(samples=args.samples, steps=args.steps, seed=0, device="cpu")
+    opt = EnhanceOptions(samples=args.samples, steps=args.steps, seed=0, device="cpu",
+                         share_first_step=args.share_first_step)
     data: dict[str, dict[str, Any]] = {}
     for item in HELD_OUT:
         item = replace(item, crop=args.crop) if args.crop else item
@@ -302,12 +311,12 @@ def main() -> None:
     threshold = model.config.data.foreground_threshold
     modality = {h.name: h.modality for h in HELD_OUT}
     spec = model.degradation
-    stats = [scan_stats(n, modality[n], d, threshold, spec) for n, d in data.items()]
+    stats = [scan_stats(n, modality[n], d, threshold, spec, opt) for n, d in data.items()]
     v01 = 5.269
     result = study(stats, v01)
     result["samples_study"] = {}
     for n_samples in (4, 8):  # sample-count honesty: the same procedure with fewer samples per voxel
-        sub = [scan_stats(n, modality[n], d, threshold, spec, n_samples) for n, d in data.items()]
+        sub = [scan_stats(n, modality[n], d, threshold, spec, opt, n_samples) for n, d in data.items()]
         r = study(sub, v01)["methods"]
         result["samples_study"][n_samples] = {
             k: {"pooled": v["pooled_coverage"], "loo_pooled": v["loo_pooled_coverage"],

@@ -211,6 +211,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=EnhanceOptions().samples)
     parser.add_argument("--steps", type=int, default=EnhanceOptions().steps)
     parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--share-first-step", action=argparse.BooleanOptionalAction,
+                        default=EnhanceOptions().share_first_step,
+                        help="one first DDIM step per image, shared by its samples")
     parser.add_argument("--cache", default="/work/runs/lowdose_card_cache")
     parser.add_argument("--out", default="runs/lowdose_card", help="folder for lowdose_card.json")
     parser.add_argument("--weights", default=None, help="exported model (default: the shipped lowdose_ct file)")
@@ -220,8 +223,8 @@ def main() -> None:
     model = load_model(args.checkpoint)
     if model.degradation.kind != "lowdose":
         raise MedsrError(f"{args.checkpoint}: not a low-dose model ({model.config.degrade})")
-    calib.STEPS = args.steps  # recorded in the fitted calibration
-    opt = EnhanceOptions(samples=args.samples, steps=args.steps, seed=0, device="cpu")
+    opt = EnhanceOptions(samples=args.samples, steps=args.steps, seed=0, device="cpu",
+                         share_first_step=args.share_first_step)
     items = held_out_ct(args.crop)
     data: dict[str, dict[str, np.ndarray]] = {}
     for item in items:
@@ -229,7 +232,7 @@ def main() -> None:
         data[item.name] = calib.enhance_cached(item, model, opt, Path(args.cache))
         print(f"{item.name}: {data[item.name]['truth'].shape} in {time.perf_counter() - t:.1f} s", flush=True)
     threshold = model.config.data.foreground_threshold
-    stats = [calib.scan_stats(n, "CT", d, threshold, model.degradation) for n, d in data.items()]
+    stats = [calib.scan_stats(n, "CT", d, threshold, model.degradation, opt) for n, d in data.items()]
     final = calib.fit(stats, "std")
     rows: list[dict[str, Any]] = []
     for item, s in zip(items, stats):

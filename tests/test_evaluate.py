@@ -208,6 +208,9 @@ def test_a_run_at_other_sampling_settings_than_the_calibration_says_so(model_pat
     assert cal.mismatch(3, 1) == "" and Calibration(4.0, "std").mismatch(5, 9) == ""  # nothing recorded: silent
     assert "3 samples x 1 DDIM steps" in cal.mismatch(3, 2) and "3 samples x 2 DDIM steps" in cal.mismatch(3, 2)
     assert "4 samples" in cal.mismatch(4, 1) and "DDPM" in cal.mismatch(3, 1, "ddpm")
+    shared = Calibration(4.0, "std", details={"samples": 8.0, "steps": 2.0, "shared_first_step": 1.0})
+    assert shared.mismatch(8, 2, shared_first_step=True) == ""
+    assert "8 samples x 2 DDIM steps, first step shared;" in shared.mismatch(8, 2)
     path = save_checkpoint(tmp_path / "cal.pt", {**load_checkpoint(model_path),
                                                  "calibration": ModelCalibration({"CT": cal}).to_checkpoint()})
     model = load_model(path)

@@ -12,6 +12,7 @@ import torch
 from enhance_fixtures import ct_small, tiny_model
 
 import pipelines.calibrate_default_model as calib
+from medsr.config import SamplingConfig as EnhanceOptions
 from medsr.degrade import low_dose_noise_hu
 from medsr.uncertainty import Calibration
 from pipelines.lowdose_card import card_text, slice_rows
@@ -38,7 +39,7 @@ def _data(samples_around: str) -> dict[str, np.ndarray]:
 def test_rows_and_verdicts(centre: str, tmp_path: Path) -> None:
     model = tiny_model(tmp_path / "m.pt", "lowdose:1x1,dose=0.25")
     data = _data(centre)
-    stats = calib.scan_stats("CT_small", "CT", data, -0.8, model.degradation)
+    stats = calib.scan_stats("CT_small", "CT", data, -0.8, model.degradation, EnhanceOptions())
     cal = Calibration(1.645, "std")
     rows = slice_rows("CT_small", data, stats, cal, model, 0.661)
     assert len(rows) == 1

@@ -305,3 +305,64 @@ def test_ddim_visits_where_monais_step_lands_and_reaches_t0_for_every_step_count
         for t, t_next in zip(ts, ts[1:]):
             assert t_next == t - 1000 // steps
             torch.testing.assert_close(ddim_step(x0, x, t, t_next, sch.alphas_cumprod), sch.step(x0, t, x)[0])
+
+
+# --- a first step shared by an image's samples ------------------------------------------------------------------
+
+def test_a_shared_first_step_samples_as_the_exact_denoiser_does() -> None:
+    """With the Bayes-optimal denoiser of N(0, s²) data, sharing the first step's clean estimate (made from one
+    noise draw) changes each sample by less than 1% of the data's std, and samples keep their spread."""
+    from medsr.config import DiffusionConfig
+    from medsr.diffusion import make_train_scheduler
+
+    s = 0.3
+    cfg = DiffusionConfig(prediction="v_prediction", target="plain")
+    net = _GaussianOracle(s, make_train_scheduler(cfg).alphas_cumprod)
+    cond = torch.zeros(4, 1, 32, 32)
+    for steps in (2, 3, 10):
+        own = sample(net, cfg, cond, gens(0, 1, 2, 3), steps=steps, project=False)
+        first = sample(net, cfg, cond[:1], gens(99), steps=steps, project=False, first_only=True)
+        shared = sample(net, cfg, cond, gens(0, 1, 2, 3), steps=steps, project=False, first=first.repeat(4, 1, 1, 1))
+        assert float((shared - own).abs().max()) < 0.01 * s, steps
+        assert float(shared.std()) == pytest.approx(float(own.std()), rel=0.02)
+        assert float((shared[0] - shared[1]).abs().mean()) > 0.1 * s  # each sample keeps its own noise
+
+
+def test_a_shared_first_step_is_refused_for_ddpm_and_a_wrong_shape(model: LoadedModel, ct_low: torch.Tensor) -> None:
+    spec = parse_spec(model.config.degrade)
+    cond = upsample(ct_low, spec.factors)
+    with pytest.raises(ValueError, match="DDIM"):
+        sample(model.net, model.config.diffusion, cond, gens(1), sampler="ddpm", first=cond)
+    with pytest.raises(ValueError, match="does not match"):
+        sample(model.net, model.config.diffusion, cond, gens(1), first=cond[..., :8])
+
+
+def test_enhance_with_a_shared_first_step_makes_one_first_pass_per_slice_and_ignores_chunking(
+        model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 + samples x (steps - 1) image passes per slice instead of samples x steps; the same result whatever the
+    batch size; samples still differ; and with sharing off, exactly the old passes."""
+    import medsr.sampling
+    from medsr.enhance import enhance_scan
+
+    scan = ct_small()
+    scan = scan.with_array(scan.array[:, 32:56, 32:56])
+    passes: list[int] = []
+    real = medsr.sampling.denoise_full
+
+    def counting(net, x_t, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        passes.append(int(x_t.shape[0]))
+        return real(net, x_t, *args, **kwargs)
+
+    monkeypatch.setattr(medsr.sampling, "denoise_full", counting)
+    opt = SamplingConfig(samples=4, steps=3, device="cpu", amp="none", keep_samples=True, share_first_step=True)
+    a = enhance_scan(scan, model, opt)
+    assert sum(passes) == 1 + 4 * 2
+    passes.clear()
+    b = enhance_scan(scan, model, SamplingConfig(**{**opt.__dict__, "batch_size": 2}))
+    assert sum(passes) == 1 + 4 * 2
+    assert a.samples is not None and b.samples is not None
+    np.testing.assert_allclose(a.samples, b.samples, atol=1e-3)
+    assert float(np.abs(a.samples[0] - a.samples[1]).mean()) > 1.0  # HU: samples differ
+    passes.clear()
+    enhance_scan(scan, model, SamplingConfig(**{**opt.__dict__, "share_first_step": False}))
+    assert sum(passes) == 4 * 3
