@@ -150,7 +150,8 @@ def section_batching(model: LoadedModel, deg: Degraded, opts: SamplingConfig) ->
 
 
 def section_table(model: LoadedModel, scans: list[tuple[str, Degraded]], opts: SamplingConfig,
-                  steps_list: list[int]) -> None:
+                  steps_list: list[int], shared_list: list[int]) -> None:
+    """Rows "new sf": the first DDIM step made once per slice and shared by its samples."""
     print(f"(3) {opts.samples} samples; PSNR/SSIM of the posterior mean vs the truth (data range 2)", flush=True)
     print(f"{'scan':<24} {'path':<10} {'steps':>5} {'wall s':>8} {'cpu s':>8} {'x wall':>7} {'x cpu':>7} {'PSNR':>7} "
           f"{'SSIM':>7}", flush=True)
@@ -166,10 +167,12 @@ def section_table(model: LoadedModel, scans: list[tuple[str, Degraded]], opts: S
         p, s = quality(base_mean, deg)
         print(f"{name:<24} {'v0.1':<10} {10:>5} {base.wall:8.2f} {base.cpu:8.2f} {1.0:6.2f}x {1.0:6.2f}x {p:7.2f} "
               f"{s:7.4f}", flush=True)
-        for steps in steps_list:
-            sec, mean = run(deg, model, replace(opts, steps=steps), False)
+        default = SamplingConfig()
+        for steps, shared in [(k, False) for k in steps_list] + [(k, True) for k in shared_list]:
+            sec, mean = run(deg, model, replace(opts, steps=steps, share_first_step=shared), False)
             p, s = quality(mean, deg)
-            label = "new" + (" (dflt)" if steps == SamplingConfig().steps else "")
+            label = ("new sf" if shared else "new") + (
+                " (dflt)" if (steps, shared) == (default.steps, default.share_first_step) else "")
             print(f"{name:<24} {label:<10} {steps:>5} {sec.wall:8.2f} {sec.cpu:8.2f} {base.wall / sec.wall:6.2f}x "
                   f"{base.cpu / sec.cpu:6.2f}x {p:7.2f} {s:7.4f}"
                   + (f"   max |new - v0.1| of means {np.abs(mean - base_mean).max():.2e}" if steps == 10 else ""),
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--steps", default="1,2,3,4,10", help="DDIM step counts of the new path")
+    ap.add_argument("--shared-steps", default="2,3", help="the same with the first step shared ('': none)")
     ap.add_argument("--crop", type=int, default=128, help="truth crop of both scans, fine voxels (table)")
     ap.add_argument("--pass-size", type=int, default=128, help="input size of the one-pass profile (README: 128)")
     ap.add_argument("--held-out", default=HELD_OUT)
@@ -193,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     print(machine_line(device), flush=True)
     steps_list = [int(s) for s in args.steps.split(",")]
+    shared_list = [int(s) for s in args.shared_steps.split(",") if s]
     with tempfile.TemporaryDirectory() as tmp:
         path = random_checkpoint(Path(tmp) / "tiny.pt", True) if args.tiny else (args.model or SHIPPED)
         model = load_model(path, device)
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                  for ref in (README_SCAN, args.held_out)]
         section_pass(model, pass_size, opts)
         section_batching(model, scans[0][1], replace(opts, steps=2))
-        section_table(model, scans, opts, steps_list)
+        section_table(model, scans, opts, steps_list, shared_list)
 
 
 if __name__ == "__main__":

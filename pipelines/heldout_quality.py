@@ -30,11 +30,11 @@ def _metrics(pred: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     return psnr, ssim
 
 
-def table(cache: Path, samples: int = SamplingConfig().samples,
-          steps: int = SamplingConfig().steps) -> list[dict[str, float | str]]:
+def table(cache: Path, samples: int = SamplingConfig().samples, steps: int = SamplingConfig().steps,
+          share_first_step: bool = SamplingConfig().share_first_step) -> list[dict[str, float | str]]:
     """One row per cached scan enhanced with ``samples`` x ``steps`` (the cache may hold other settings too)."""
     rows: list[dict[str, float | str]] = []
-    for path in sorted(cache.glob(cache_glob(samples, steps))):
+    for path in sorted(cache.glob(cache_glob(samples, steps, share_first_step))):
         data = np.load(path)
         truth = torch.from_numpy(data["truth"]).float().permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
         mean = torch.from_numpy(data["samples"].mean(0)).float().permute(2, 0, 1)[:, None]
@@ -52,8 +52,10 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/work/runs/calib_cache"))
     parser.add_argument("--samples", type=int, default=SamplingConfig().samples)
     parser.add_argument("--steps", type=int, default=SamplingConfig().steps)
+    parser.add_argument("--share-first-step", action=argparse.BooleanOptionalAction,
+                        default=SamplingConfig().share_first_step)
     args = parser.parse_args()
-    rows = table(args.cache, args.samples, args.steps)
+    rows = table(args.cache, args.samples, args.steps, args.share_first_step)
     print("| scan | slices | PSNR bicubic | PSNR one sample | PSNR mean | gain | SSIM bicubic | SSIM mean | gain |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

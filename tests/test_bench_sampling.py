@@ -80,11 +80,12 @@ SPEED_LINES = [
     rf"^CT_small.dcm 32² +new +2 +{NUM} +{NUM} +{NUM}x +{NUM}x +{NUM} +{NUM}$",
     rf"^bad_sequence.dcm 32² +v0.1 +10 +{NUM} ",
     rf"^bad_sequence.dcm 32² +new +2 +{NUM} ",
+    rf"^bad_sequence.dcm 32² +new sf +2 +{NUM} +{NUM} +{NUM}x +{NUM}x +{NUM} +{NUM}$",
 ]
 
 
 @pytest.mark.slow
 def test_bench_speed_tiny_prints_the_table() -> None:
-    out = _run("bench_speed.py", "--samples", "2", "--steps", "1,2")
+    out = _run("bench_speed.py", "--samples", "2", "--steps", "1,2", "--shared-steps", "2")
     for pattern in SPEED_LINES:
         assert re.search(pattern, out, re.M), (pattern, out)
