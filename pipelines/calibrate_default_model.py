@@ -259,6 +259,30 @@ def study(stats: list[ScanStats], v01: float) -> dict[str, Any]:
     return out
 
 
+def spread_diagnostics(name: str, data: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
+    """How far the per-patch Spearman target is from this model's spread, per scan.
+
+    ``spearman_patch``: per-patch std vs |error of the mean| (as :func:`measure`). ``spearman_if_calibrated``:
+    the same when the truth is one of the samples (each in turn; mean and std of the others): what a model whose
+    samples are exchangeable with the truth would reach with this spread pattern. ``rmse_over_std``: RMS error
+    of the mean over the RMS sample std inside the body (≈1 for such a model).
+    """
+    x, truth = data["samples"].astype(np.float64), data["truth"].astype(np.float64)
+    body = truth > threshold
+    patch = [PATCH, PATCH, 1]
+    keep = patch_means(body.astype(np.float32), patch) >= 0.5
+
+    def rho(samples: np.ndarray, target: np.ndarray) -> float:
+        mean, std = samples.mean(0), samples.std(0, ddof=1)
+        return spearman(patch_means(std, patch)[keep], patch_means(np.abs(mean - target), patch)[keep])
+
+    oracle = float(np.mean([rho(np.delete(x, k, 0), x[k]) for k in range(len(x))]))
+    rmse = float(np.sqrt(((x.mean(0) - truth)[body] ** 2).mean()))
+    return {"spearman_patch": rho(x, truth), "spearman_if_calibrated": oracle,
+            "rmse_over_std": rmse / float(np.sqrt((x.std(0, ddof=1)[body] ** 2).mean())),
+            "patches": int(keep.sum()), "name": name}
+
+
 def print_tables(result: dict[str, Any], stats: list[ScanStats]) -> None:
     units = {s.name: ("HU" if s.modality == "CT" else "% range") for s in stats}
     for split in ("report", "loo"):
@@ -277,6 +301,12 @@ def print_tables(result: dict[str, Any], stats: list[ScanStats]) -> None:
     print("\nSpearman across scans (score = mean calibrated half-width % vs mean |error| %, LOO λ):")
     for label, m in result["methods"].items():
         print(f"  {label}: {m['spearman_across_scans_loo']:.2f}")
+    print("\n### per-patch Spearman: this model vs one whose samples are exchangeable with the truth\n")
+    print("| scan | patches | Spearman per patch | if calibrated (a sample as truth) | RMS error / RMS std |")
+    print("|---|---|---|---|---|")
+    for d in result["spread"]:
+        print(f"| {d['name']} | {d['patches']} | {d['spearman_patch']:.2f} | {d['spearman_if_calibrated']:.2f} "
+              f"| {d['rmse_over_std']:.1f} |")
 
 
 def main() -> None:
@@ -314,6 +344,7 @@ def main() -> None:
     stats = [scan_stats(n, modality[n], d, threshold, spec, opt) for n, d in data.items()]
     v01 = 5.269
     result = study(stats, v01)
+    result["spread"] = [spread_diagnostics(n, d, threshold) for n, d in data.items()]
     result["samples_study"] = {}
     for n_samples in (4, 8):  # sample-count honesty: the same procedure with fewer samples per voxel
         sub = [scan_stats(n, modality[n], d, threshold, spec, opt, n_samples) for n, d in data.items()]
