@@ -127,7 +127,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         stats = RunningStats()
         samples: list[torch.Tensor] = []
         first = None
-        if opt.share_first_step and opt.sampler == "ddim":  # one first-step pass per slice, from its own noise
+        if opt.shares_first_step:  # one first-step pass per slice, from its own noise
             first = sample(model.net, cfg.diffusion, cond,
                            [torch.Generator(device=device).manual_seed(_seed(opt.seed, FIRST_STEP_STREAM, j))
                             for j in range(start, stop)], steps=opt.steps, lowres=y, spec=spec, project=opt.project,

@@ -337,7 +337,7 @@ class Calibration:
         """What report.json says about the interval of one run (``opt``: its SamplingConfig): which
         calibration, and whether it applies."""
         return {"applied": key or "none", **self.to_dict(),
-                "mismatch": self.mismatch(opt.samples, opt.steps, opt.sampler, opt.share_first_step)}
+                "mismatch": self.mismatch(opt.samples, opt.steps, opt.sampler, opt.shares_first_step)}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (a bound that does not exist, inf, is stored as None)."""

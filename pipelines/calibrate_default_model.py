@@ -113,7 +113,7 @@ def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache
     """
     whole_slice = model.degradation.kind == "lowdose"
     key = (f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}-"
-           f"{sampler_tag(opt.share_first_step)}{'-ld' if whole_slice else ''}")
+           f"{sampler_tag(opt.shares_first_step)}{'-ld' if whole_slice else ''}")
     path = cache / f"{key}.npz"
     if path.is_file():
         with np.load(path) as z:
@@ -192,7 +192,7 @@ def scan_stats(name: str, modality: str, data: dict[str, np.ndarray], threshold:
     noise = fine_noise_sigma(low, spec).numpy().reshape(1, 1, -1) if spec.white_noise_gain else np.zeros((1, 1, 1))
     return ScanStats(name, modality, truth, mean.numpy(), std.numpy(), lo.numpy(), hi.numpy(), truth > threshold,
                      float(np.mean(data["range"])) / 2.0, int(x.shape[0]), noise,
-                     {"steps": float(opt.steps), "shared_first_step": float(opt.share_first_step)})
+                     {"steps": float(opt.steps), "shared_first_step": float(opt.shares_first_step)})
 
 
 def measure(s: ScanStats, cal: Calibration) -> dict[str, Any]:

@@ -34,7 +34,8 @@ def table(cache: Path, samples: int = SamplingConfig().samples, steps: int = Sam
           share_first_step: bool = SamplingConfig().share_first_step) -> list[dict[str, float | str]]:
     """One row per cached scan enhanced with ``samples`` x ``steps`` (the cache may hold other settings too)."""
     rows: list[dict[str, float | str]] = []
-    for path in sorted(cache.glob(cache_glob(samples, steps, share_first_step))):
+    shared = SamplingConfig(samples=samples, steps=steps, share_first_step=share_first_step).shares_first_step
+    for path in sorted(cache.glob(cache_glob(samples, steps, shared))):
         data = np.load(path)
         truth = torch.from_numpy(data["truth"]).float().permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
         mean = torch.from_numpy(data["samples"].mean(0)).float().permute(2, 0, 1)[:, None]

@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-study", action="store_true")
     parser.add_argument("--step-counts", default="1,2,3,5,10,20,50", help="DDIM step counts of the study (8 samples)")
+    parser.add_argument("--shared-step-counts", default="2,3",
+                        help="DDIM step counts with the first step shared by an image's samples (8 samples)")
     parser.add_argument("--ddpm-samples", type=int, default=4, help="samples of the 1000-step DDPM row (0: none)")
     parser.add_argument("--skip-eval", action="store_true")
     args = parser.parse_args()
@@ -101,15 +103,18 @@ def run_study(args: argparse.Namespace, model: Any, result: dict[str, Any]) -> N
         scans = load(HELD_OUT, args.crop)
         rows = []
         counts = [int(k) for k in args.step_counts.split(",") if k]
-        settings = [("ddim", k, 8) for k in counts] + ([("ddpm", 1000, args.ddpm_samples)] if args.ddpm_samples else [])
-        settings += [("ddim", args.steps, n) for n in (1, 2, 4, 16)]
-        for sampler, steps, samples in settings:
+        shared_counts = [int(k) for k in args.shared_step_counts.split(",") if k]
+        default = EnhanceOptions()
+        settings = [("ddim", k, 8, False) for k in counts] + [("ddim", k, 8, True) for k in shared_counts]
+        settings += [("ddpm", 1000, args.ddpm_samples, False)] if args.ddpm_samples else []
+        settings += [("ddim", args.steps, n, default.share_first_step) for n in (1, 2, 4, 16)]
+        for sampler, steps, samples, shared in settings:
             t = time.perf_counter()
-            e = evaluate_scans(scans, model, model.config.degrade,
-                               EnhanceOptions(samples=samples, steps=steps, sampler=sampler, seed=0,
-                                              keep_samples=True))
-            row = {"sampler": sampler, "steps": steps, "samples": samples, "seconds": time.perf_counter() - t,
-                   **summarise(e)}
+            opt = EnhanceOptions(samples=samples, steps=steps, sampler=sampler, seed=0, keep_samples=True,
+                                 share_first_step=shared)
+            e = evaluate_scans(scans, model, model.config.degrade, opt)
+            row = {"sampler": sampler + (", first step shared" if opt.shares_first_step else ""), "steps": steps,
+                   "samples": samples, "seconds": time.perf_counter() - t, **summarise(e)}
             rows.append(row)
             print(json.dumps(row))
         result["study"] = rows

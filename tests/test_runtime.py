@@ -70,7 +70,7 @@ def test_shipped_model_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_sampling_config_is_typed_and_checked() -> None:
-    assert SamplingConfig().samples == 8 and SamplingConfig().steps == 3
+    assert (SamplingConfig().samples, SamplingConfig().steps, SamplingConfig().shares_first_step) == (8, 2, True)
     from pipelines.archive import ArchiveOptions  # the archive reads its sampling defaults from the same home
 
     archive = ArchiveOptions()
