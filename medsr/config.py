@@ -221,6 +221,14 @@ class SamplingConfig:
         """Whether this run shares the first step (``share_first_step`` where it applies: DDIM, 2+ steps)."""
         return self.share_first_step and self.sampler == "ddim" and self.steps >= 2
 
+    def passes(self, groups: int = 1) -> int:
+        """Network passes over each image for DDIM, the samples split into ``groups`` (through-plane: one per
+        orientation) that each share their own first step: the cost model of timings and extrapolations."""
+        if not self.shares_first_step:
+            return self.samples * self.steps
+        sizes = [n for n in (self.samples // groups + (k < self.samples % groups) for k in range(groups)) if n]
+        return sum(1 + n * (self.steps - 1) for n in sizes)
+
     def __post_init__(self) -> None:
         checks = [
             (isinstance(self.samples, int) and not isinstance(self.samples, bool) and self.samples >= 1,

@@ -16,7 +16,8 @@ held-out one of ``shared/DATA.md`` (never a training file):
 With ``--adapt N`` each volume is scored again after :func:`medsr.adapt.adapt_model` fine-tuned a copy for N steps
 on the thick input's own in-plane slices (2D rows cannot adapt: a slice has no in-plane images across its thick
 axis). Time and peak memory of an enhancement are measured in a fresh process on a real ``T x T x S`` → ``T x T x
-4S`` volume and extrapolated linearly in voxels x samples x steps to 256 x 256 x 40 → 256 x 256 x 160.
+4S`` volume and extrapolated linearly in voxels x network passes (:meth:`medsr.config.SamplingConfig.passes`) to
+256 x 256 x 40 → 256 x 256 x 160.
 
 Writes the card (``--card``, default ``medsr/weights/THROUGHPLANE_X4_CARD.md``) and the numbers (``--json``).
 """
@@ -152,12 +153,13 @@ def timing_subprocess(checkpoint: str, size: int, slices: int, samples: int, ste
     fine = np.prod(measured["output"])
     full_fine = TIMING_FULL[0] * TIMING_FULL[1] * TIMING_FULL[2] * 4
     ratio = full_fine / fine
-    per = measured["seconds"] / (fine * samples * steps)
+    passes = SamplingConfig(samples=samples, steps=steps).passes(groups=2)  # two orientations
+    per = measured["seconds"] / (fine * passes)
     delta = max(0.0, measured["peak_rss_mb"] - measured["rss_loaded_mb"])
     measured["extrapolated"] = {
         "voxel_ratio": float(ratio),
-        "seconds_same_settings": float(per * full_fine * samples * steps),
-        "seconds_defaults": float(per * full_fine * DEFAULTS.samples * DEFAULTS.steps),
+        "seconds_same_settings": float(per * full_fine * passes),
+        "seconds_defaults": float(per * full_fine * DEFAULTS.passes(groups=2)),
         "peak_rss_mb": float(measured["rss_loaded_mb"] + delta * ratio),
     }
     return measured
@@ -188,13 +190,16 @@ def write_card(path: Path, result: dict[str, Any]) -> None:
         "- training data (shared/DATA.md training files only): MNI152 T1 template, InVesalius head CT, "
         "pydicom 693_UNCR CT slice; config `configs/throughplane_x4.yaml`",
         "- calibration (per modality; `python -m pipelines.calibrate_default_model` at the settings in "
-        "`pipelines/throughplane_x4/ship.sh`, 8 samples x 3 steps on 64² crops, on the DATA.md calibration split, "
+        f"`pipelines/throughplane_x4/ship.sh`, the sampling defaults ({DEFAULTS.samples} samples x {DEFAULTS.steps} "
+        f"steps{', first step shared' if DEFAULTS.shares_first_step else ''}) on 64² crops, on the DATA.md "
+        "calibration split, "
         "each scan made thick along one image axis): "
         f"{result['model']['calibration']}",
         "",
         "## Quality on held-out scans made thick (target: >= +2 dB over cubic on every held-out volume)",
         "",
-        f"Settings (CPU, one thread, shared machine): {s['samples']} samples x {s['steps']} DDIM steps, "
+        f"Settings (CPU, one thread, shared machine): {s['samples']} samples x {s['steps']} DDIM steps "
+        f"({'first step shared per orientation' if DEFAULTS.share_first_step and s['steps'] > 1 else 'no sharing'}), "
         f"`--adapt {s['adapt']}` (lr 1e-4, batch 8), MR volumes centre-cropped to at most {s['crop']} voxels per axis "
         "where marked, CT slices to 128 x 128. PSNR/SSIM in normalised units (the truth's normaliser, data range 2), "
         "whole volume; cubic = cubic interpolation along the thick axis, fine slices centred in each thick slice "
@@ -242,9 +247,9 @@ def write_card(path: Path, result: dict[str, Any]) -> None:
             f"({t['rss_loaded_mb']:.0f} MB after loading the model and the scan).",
             "",
             f"256 x 256 x 40 -> 256 x 256 x 160 is {e['voxel_ratio']:.0f}x the output voxels. Extrapolated linearly "
-            f"(voxels x samples x steps; not measured): {e['seconds_same_settings'] / 60:.0f} min at the same "
+            f"(voxels x network passes; not measured): {e['seconds_same_settings'] / 60:.0f} min at the same "
             f"settings, **{e['seconds_defaults'] / 3600:.1f} h at the defaults ({DEFAULTS.samples} samples x "
-            f"{DEFAULTS.steps} steps)** on this CPU; "
+            f"{DEFAULTS.steps} steps{', first step shared' if DEFAULTS.shares_first_step else ''})** on this CPU; "
             f"peak RSS about {e['peak_rss_mb'] / 1024:.1f} GB (the volumes held grow with the voxels; the network's "
             "sliding windows do not). Not practical on a CPU at this size: a GPU, fewer steps or a distilled "
             "student is needed.",
@@ -277,7 +282,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=DEFAULTS.steps)
     parser.add_argument("--adapt", type=int, default=20, help="--adapt steps (0: no adaptation rows)")
     parser.add_argument("--crop", type=int, default=48, help="MR template crop (voxels per axis)")
     parser.add_argument("--timing-size", type=int, default=64)

@@ -82,3 +82,12 @@ def test_sampling_config_is_typed_and_checked() -> None:
     for values in bad:
         with pytest.raises(MedsrError):
             sampling_config_from_dict(values)
+
+
+def test_network_passes_count_the_shared_first_step_once_per_group() -> None:
+    assert SamplingConfig(samples=8, steps=2).passes() == 9
+    assert SamplingConfig(samples=8, steps=3, share_first_step=False).passes() == 24
+    assert SamplingConfig(samples=8, steps=1).passes() == 8  # no sharing at one step
+    assert SamplingConfig(samples=8, steps=2).passes(groups=2) == 2 + 8  # two orientations, 4 samples each
+    assert SamplingConfig(samples=3, steps=3).passes(groups=2) == (1 + 2 * 2) + (1 + 1 * 2)
+    assert SamplingConfig(samples=1, steps=3).passes(groups=2) == 3
