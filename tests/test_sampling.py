@@ -52,6 +52,10 @@ def test_projection_makes_every_sample_consistent_with_the_input(model: LoadedMo
     assert float(x.std(0).mean()) > 1e-3  # the samples do differ (the check is not trivially met)
     free = draw(model, ct_low, [0, 1, 2], roi_size=(32, 32), project=False)
     assert float((block_average(free, (2, 2)) - ct_low).abs().max()) > 1e-2  # without it, they drift
+    first = draw(model, ct_low, [9], roi_size=(32, 32), first_only=True)  # one first step shared by all three
+    shared = draw(model, ct_low, [0, 1, 2], roi_size=(32, 32), first=first.repeat(3, 1, 1, 1))
+    assert float((block_average(shared, (2, 2)) - ct_low).abs().max()) < 1e-5
+    assert float(shared.std(0).mean()) > 1e-3
 
 
 def test_projection_for_kspace_truncation(tmp_path: Path, ct_low: torch.Tensor) -> None:
