@@ -2,14 +2,13 @@
 
     python -m pipelines.calibrate_default_model [--model medsr/weights/default_x4.pt] [--export OUT.pt]
 
-Every held-out scan of ``shared/DATA.md`` (never a training file) is cropped to a central region, degraded
-with the model's own operator, enhanced (the sampling defaults, 8 samples x 3 DDIM steps; one thread) and cached under
-``--cache`` (``/work/runs/calib_cache``) so reruns only redo the statistics. The scans are split **by scan**,
-per modality, into a calibration split (λ is fitted there) and a reporting split (coverage, width, ranking are
-measured there); a leave-one-scan-out table reports every scan with λ fitted on the other scans of its
-modality. The single-factor v0.1 method is measured side by side. Prints markdown tables and writes
-``calibration_study.json``; ``--export`` writes the model with the new calibration stored.
-"""
+Every held-out scan of ``shared/DATA.md`` (never a training file) is cropped to a central region, degraded with
+the model's own operator, enhanced (the sampling defaults, 8 samples x 2 DDIM steps with the first step shared;
+one thread) and cached under ``--cache`` (``/work/runs/calib_cache``) so reruns only redo the statistics. The
+scans are split **by scan**, per modality, into a calibration split (λ is fitted there) and a reporting split
+(coverage, width, ranking are measured there); a leave-one-scan-out table reports every scan with λ fitted on
+the other scans of its modality. The single-factor v0.1 method is measured side by side. Prints markdown tables
+and writes ``calibration_study.json``; ``--export`` writes the model with the new calibration stored. """
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """PSNR/SSIM of the default model on the held-out scans of shared/DATA.md, from the calibration study's cache.
 
 ``python -m pipelines.calibrate_default_model`` enhances every held-out scan once (central 256² crops, block
-average x4, the sampling defaults (8 samples x 3 DDIM steps), seed 0) and caches truth and samples (normalised
-units); this reads that cache, so the model card's quality table and its calibration come from the very same
-samples. The bicubic baseline is recomputed from the truth with the model's own (noise-free) operator.
+average x4, the sampling defaults (8 samples x 2 DDIM steps, first step shared), seed 0) and caches truth and
+samples (normalised units); this reads that cache, so the model card's quality table and its calibration come
+from the very same samples. The bicubic baseline is recomputed from the truth with the model's own (noise-free)
+operator.
 
     python -m pipelines.heldout_quality [--cache /work/runs/calib_cache]
 """
