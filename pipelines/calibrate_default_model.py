@@ -8,7 +8,8 @@ one thread) and cached under ``--cache`` (``/work/runs/calib_cache``) so reruns 
 scans are split **by scan**, per modality, into a calibration split (λ is fitted there) and a reporting split
 (coverage, width, ranking are measured there); a leave-one-scan-out table reports every scan with λ fitted on
 the other scans of its modality. The single-factor v0.1 method is measured side by side. Prints markdown tables
-and writes ``calibration_study.json``; ``--export`` writes the model with the new calibration stored. """
+and writes ``calibration_study.json``; ``--export`` writes the model with the new calibration stored.
+"""
 
 from __future__ import annotations
 
