@@ -153,7 +153,7 @@ def section_table(model: LoadedModel, scans: list[tuple[str, Degraded]], opts: S
                   steps_list: list[int], shared_list: list[int]) -> None:
     """Rows "new sf": the first DDIM step made once per slice and shared by its samples."""
     print(f"(3) {opts.samples} samples; PSNR/SSIM of the posterior mean vs the truth (data range 2)", flush=True)
-    print(f"{'scan':<24} {'path':<10} {'steps':>5} {'wall s':>8} {'cpu s':>8} {'x wall':>7} {'x cpu':>7} {'PSNR':>7} "
+    print(f"{'scan':<24} {'path':<13} {'steps':>5} {'wall s':>8} {'cpu s':>8} {'x wall':>7} {'x cpu':>7} {'PSNR':>7} "
           f"{'SSIM':>7}", flush=True)
     dash = "-"
     for name, deg in scans:
@@ -161,11 +161,11 @@ def section_table(model: LoadedModel, scans: list[tuple[str, Degraded]], opts: S
         low = torch.from_numpy(deg.low_norm).movedim(2, 0)[:, None]
         interp = upsample(low, spec.factors)[:, 0].movedim(0, 2).numpy()
         p, s = quality(interp, deg)
-        print(f"{name:<24} {'bicubic':<10} {dash:>5} {dash:>8} {dash:>8} {dash:>7} {dash:>7} {p:7.2f} {s:7.4f}",
+        print(f"{name:<24} {'bicubic':<13} {dash:>5} {dash:>8} {dash:>8} {dash:>7} {dash:>7} {p:7.2f} {s:7.4f}",
               flush=True)
         base, base_mean = run(deg, model, replace(opts, steps=10), True)
         p, s = quality(base_mean, deg)
-        print(f"{name:<24} {'v0.1':<10} {10:>5} {base.wall:8.2f} {base.cpu:8.2f} {1.0:6.2f}x {1.0:6.2f}x {p:7.2f} "
+        print(f"{name:<24} {'v0.1':<13} {10:>5} {base.wall:8.2f} {base.cpu:8.2f} {1.0:6.2f}x {1.0:6.2f}x {p:7.2f} "
               f"{s:7.4f}", flush=True)
         default = SamplingConfig()
         for steps, shared in [(k, False) for k in steps_list] + [(k, True) for k in shared_list]:
@@ -173,7 +173,7 @@ def section_table(model: LoadedModel, scans: list[tuple[str, Degraded]], opts: S
             p, s = quality(mean, deg)
             label = ("new sf" if shared else "new") + (
                 " (dflt)" if (steps, shared) == (default.steps, default.share_first_step) else "")
-            print(f"{name:<24} {label:<10} {steps:>5} {sec.wall:8.2f} {sec.cpu:8.2f} {base.wall / sec.wall:6.2f}x "
+            print(f"{name:<24} {label:<13} {steps:>5} {sec.wall:8.2f} {sec.cpu:8.2f} {base.wall / sec.wall:6.2f}x "
                   f"{base.cpu / sec.cpu:6.2f}x {p:7.2f} {s:7.4f}"
                   + (f"   max |new - v0.1| of means {np.abs(mean - base_mean).max():.2e}" if steps == 10 else ""),
                   flush=True)

@@ -80,7 +80,7 @@ SPEED_LINES = [
     rf"^CT_small.dcm 32² +new +2 +{NUM} +{NUM} +{NUM}x +{NUM}x +{NUM} +{NUM}$",
     rf"^bad_sequence.dcm 32² +v0.1 +10 +{NUM} ",
     rf"^bad_sequence.dcm 32² +new +2 +{NUM} ",
-    rf"^bad_sequence.dcm 32² +new sf +2 +{NUM} +{NUM} +{NUM}x +{NUM}x +{NUM} +{NUM}$",
+    rf"^bad_sequence.dcm 32² +new sf(?: \(dflt\))? +2 +{NUM} +{NUM} +{NUM}x +{NUM}x +{NUM} +{NUM}$",
 ]
 
 
