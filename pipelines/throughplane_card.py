@@ -256,8 +256,8 @@ def write_card(path: Path, result: dict[str, Any]) -> None:
             f"settings, **{e['seconds_defaults'] / 3600:.1f} h at the defaults ({DEFAULTS.samples} samples x "
             f"{DEFAULTS.steps} steps{', first step shared' if DEFAULTS.shares_first_step else ''})** on this CPU; "
             f"peak RSS about {e['peak_rss_mb'] / 1024:.1f} GB (the volumes held grow with the voxels; the network's "
-            "sliding windows do not). Not practical on a CPU at this size: a GPU, fewer steps or a distilled "
-            "student is needed.",
+            "sliding windows do not). The full size measured directly (`benchmarks/bench_throughplane_volume.py`, "
+            "figures in `benchmarks/RESULTS.md`) replaces this estimate where they differ.",
             "",
         ]
     lines += [
