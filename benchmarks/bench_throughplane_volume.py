@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import torch
+from machine import machine_line  # benchmarks/ is on sys.path when a script here runs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout root, for pipelines/
 
-from benchmarks.machine import machine_line  # noqa: E402
 from medsr.config import SamplingConfig  # noqa: E402
 from medsr.runtime import WEIGHTS_DIR  # noqa: E402
 from pipelines.throughplane_card import timing  # noqa: E402

@@ -124,7 +124,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timing(checkpoint: str, size: int, slices: int, samples: int, steps: int) -> dict[str, float]:
+def timing(checkpoint: str, size: int, slices: int, samples: int, steps: int) -> dict[str, Any]:
     """Enhance a real thick volume (inia19 cropped to size x size x 4 slices, mirrored at its borders where it is
     smaller, e.g. 168 x 206 x 128 -> 256 x 256 x 160, then block-averaged x4 along Z) in this process; wall time
     and peak RSS (call in a fresh process: :func:`timing_subprocess`)."""
