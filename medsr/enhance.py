@@ -116,7 +116,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
     fine_shape = [s * f for s, f in zip(low.shape[2:], spec.factors)]
     outs = {k: torch.empty((n_items, *fine_shape)) for k in ("mean", "std", "q05", "q95")}
     kept = torch.empty((opt.samples, n_items, *fine_shape)) if opt.keep_samples else None
-    total_work = n_items * opt.samples * (cfg.diffusion.num_train_timesteps if opt.sampler == "ddpm" else opt.steps)
+    total_work = n_items * (opt.samples * cfg.diffusion.num_train_timesteps if opt.sampler == "ddpm" else opt.passes())
     done = 0
     method = "normal"
     t1 = time.perf_counter()
@@ -133,6 +133,9 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
                             for j in range(start, stop)], steps=opt.steps, lowres=y, spec=spec, project=opt.project,
                            roi_size=window, overlap=opt.overlap, sw_batch_size=opt.batch_size, amp=amp,
                            first_only=True)
+            done += stop - start  # one pass per slice, counted once
+            if progress is not None:
+                progress(done, total_work)
         group = max(1, opt.batch_size // (stop - start))
         for s0 in range(0, opt.samples, group):
             s1 = min(opt.samples, s0 + group)
@@ -140,8 +143,11 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
             gens = [torch.Generator(device=device).manual_seed(_seed(opt.seed, i, j))
                     for i in range(s0, s1) for j in range(start, stop)]
 
-            def step_done(i: int, n: int, reps: int = reps, start: int = start, stop: int = stop) -> None:
+            def step_done(i: int, n: int, reps: int = reps, start: int = start, stop: int = stop,
+                          shared: bool = first is not None) -> None:
                 nonlocal done
+                if shared and i == 1:  # the shared first step: no pass here, it was counted when made
+                    return
                 done += reps * (stop - start)
                 if progress is not None:
                     progress(done, total_work)

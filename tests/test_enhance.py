@@ -184,10 +184,15 @@ def test_single_sample_gives_zero_spread_and_a_normal_interval(model: LoadedMode
     assert np.array_equal(r.q05.array, r.mean.array) and np.array_equal(r.q95.array, r.mean.array)
 
 
-def test_progress_reaches_the_total(model: LoadedModel, small: Scan) -> None:
+@pytest.mark.parametrize("shared, passes", [(True, 1 + 2 * 2), (False, 2 * 3)])
+def test_progress_counts_network_passes_and_reaches_the_total(model: LoadedModel, small: Scan, shared: bool,
+                                                             passes: int) -> None:
+    """Progress is in network passes over each slice (3 slices here): a shared first step counts once."""
     seen: list[tuple[int, int]] = []
-    enhance_scan(small, model, EnhanceOptions(samples=2, steps=3, batch_size=3), lambda d, t: seen.append((d, t)))
-    assert seen[-1] == (3 * 2 * 3, 3 * 2 * 3)
+    opt = EnhanceOptions(samples=2, steps=3, batch_size=3, share_first_step=shared)
+    enhance_scan(small, model, opt, lambda d, t: seen.append((d, t)))
+    assert opt.passes() == passes
+    assert seen[-1] == (3 * passes, 3 * passes)
     assert all(b[0] > a[0] for a, b in zip(seen, seen[1:]))
 
 

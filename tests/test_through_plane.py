@@ -138,8 +138,13 @@ def test_non_axial_nifti_is_refined_along_its_thick_array_axis(thick_model) -> N
 def test_pooled_result_is_the_statistics_of_both_orientations_samples(thick_model) -> None:
     truth, low = make_thick(t1_block(), 2)
     opt = SamplingConfig(samples=3, steps=2, device="cpu", amp="none", keep_samples=True)
-    res = enhance_through_plane(low, thick_model, opt)
+    seen: list[tuple[int, int]] = []
+    res = enhance_through_plane(low, thick_model, opt, progress=lambda d, t: seen.append((d, t)))
     assert [o["samples"] for o in res.info["orientations"]] == [2, 1] and res.info["samples_total"] == 3
+    # progress in network passes over each orientation's planes (first step shared per orientation), to the end
+    x, y, _ = low.spatial_shape
+    assert seen[-1][0] == seen[-1][1] == x * (1 + 2 * 1) + y * (1 + 1 * 1)  # 2 samples across axis 0, 1 across 1
+    assert all(b[0] > a[0] for a, b in zip(seen, seen[1:]))
     s = res.samples.astype(np.float64)
     assert s.shape == (3, *truth.spatial_shape)
     assert np.abs(s[2] - s[:2].mean(0)).mean() > 0  # the orientations' samples differ
