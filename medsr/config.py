@@ -221,9 +221,14 @@ class SamplingConfig:
         """Whether this run shares the first step (``share_first_step`` where it applies: DDIM, 2+ steps)."""
         return self.share_first_step and self.sampler == "ddim" and self.steps >= 2
 
-    def passes(self, groups: int = 1) -> int:
-        """Network passes over each image for DDIM, the samples split into ``groups`` (through-plane: one per
-        orientation) that each share their own first step: the cost model of timings and extrapolations."""
+    def passes(self, groups: int = 1, num_train_timesteps: int | None = None) -> int:
+        """Network passes over each image, the samples split into ``groups`` (through-plane: one per orientation)
+        that each share their own first step: the cost model of progress bars, timings and extrapolations.
+        DDPM runs every training timestep, so it needs the model's ``num_train_timesteps``."""
+        if self.sampler == "ddpm":
+            if num_train_timesteps is None:
+                raise ValueError("passes() of a DDPM run needs the model's num_train_timesteps")
+            return self.samples * num_train_timesteps
         if not self.shares_first_step:
             return self.samples * self.steps
         sizes = [n for n in (self.samples // groups + (k < self.samples % groups) for k in range(groups)) if n]

@@ -240,10 +240,10 @@ class PatchDataset(Dataset):
             hr = self._augment(hr[0], int(index))[None]
         params = draw_params(self.spec, rng)
         if self.noise is not None:  # whole-slice low-dose noise, made once, cut at the patch's place
-            noise = self._cut(self.noise[v][int(rng.integers(len(self.noise[v])))], pad, where, axis)
+            noise = self._cut(self.noise[v][int(rng.integers(len(self.noise[v])))], pad, where, axis).astype(np.float32)
             if self.noise_scale is not None:  # drawn only then: items without it stay those of older versions
-                noise = noise.astype(np.float32) * float(np.exp(rng.uniform(*np.log(self.noise_scale))))
-            lowres = self.spec.forward(hr + torch.from_numpy(noise.astype(np.float32))[None, None])
+                noise *= np.float32(np.exp(rng.uniform(*np.log(self.noise_scale))))
+            lowres = self.spec.forward(hr + torch.from_numpy(noise)[None, None])
         else:
             in_plane = [s for a, s in enumerate(vol.spacing) if a != axis or len(self.patch_size) == 3]
             lowres = apply_degradation(hr, params, float(np.mean(in_plane[:2])), vol.window or (-1024.0, 1024.0))

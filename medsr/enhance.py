@@ -116,7 +116,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
     fine_shape = [s * f for s, f in zip(low.shape[2:], spec.factors)]
     outs = {k: torch.empty((n_items, *fine_shape)) for k in ("mean", "std", "q05", "q95")}
     kept = torch.empty((opt.samples, n_items, *fine_shape)) if opt.keep_samples else None
-    total_work = n_items * (opt.samples * cfg.diffusion.num_train_timesteps if opt.sampler == "ddpm" else opt.passes())
+    total_work = n_items * opt.passes(num_train_timesteps=cfg.diffusion.num_train_timesteps)
     done = 0
     method = "normal"
     t1 = time.perf_counter()

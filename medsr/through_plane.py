@@ -126,12 +126,9 @@ def enhance_through_plane(scan: Scan, model: LoadedModel, options: SamplingConfi
     slice_axes = [a for a in range(3) if a != target]  # the two plane families that contain the thick axis
     n_first = max(1, (opt.samples + 1) // 2)
     counts = [n_first, max(1, opt.samples - n_first)]
-    T = model.config.diffusion.num_train_timesteps
-
-    def passes(n: int) -> int:  # one orientation's network passes per plane, as enhance_scan counts them
-        return n * T if opt.sampler == "ddpm" else replace(opt, samples=n).passes()
-
-    totals = [work.spatial_shape[sa] * passes(n) for sa, n in zip(slice_axes, counts)]
+    timesteps = model.config.diffusion.num_train_timesteps  # one orientation's passes, as enhance_scan counts them
+    totals = [work.spatial_shape[sa] * replace(opt, samples=n).passes(num_train_timesteps=timesteps)
+              for sa, n in zip(slice_axes, counts)]
     results: list[EnhanceResult] = []
     for k, (sa, n) in enumerate(zip(slice_axes, counts)):
         offset = sum(totals[:k])

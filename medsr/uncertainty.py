@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsr.config import SamplingConfig
 from medsr.errors import MedsrError
 
 __all__ = ["RunningStats", "interval", "BASES", "ScanScore", "uncertainty_score", "coverage", "coverage_by_quartile",
@@ -333,7 +334,7 @@ class Calibration:
         at = said(fitted.get("samples", 0), fitted.get("steps", 0), fitted.get("shared_first_step", 0))
         return f"calibrated at {at}; this run used {said(*used.values())}, where its coverage was not measured"
 
-    def to_report(self, key: str, opt: Any) -> dict[str, Any]:
+    def to_report(self, key: str, opt: SamplingConfig) -> dict[str, Any]:
         """What report.json says about the interval of one run (``opt``: its SamplingConfig): which
         calibration, and whether it applies."""
         return {"applied": key or "none", **self.to_dict(),

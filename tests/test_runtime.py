@@ -91,3 +91,6 @@ def test_network_passes_count_the_shared_first_step_once_per_group() -> None:
     assert SamplingConfig(samples=8, steps=2).passes(groups=2) == 2 + 8  # two orientations, 4 samples each
     assert SamplingConfig(samples=3, steps=3).passes(groups=2) == (1 + 2 * 2) + (1 + 1 * 2)
     assert SamplingConfig(samples=1, steps=3).passes(groups=2) == 3
+    assert SamplingConfig(samples=4, sampler="ddpm").passes(num_train_timesteps=1000) == 4000  # every timestep
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        SamplingConfig(sampler="ddpm").passes()
