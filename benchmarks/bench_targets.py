@@ -70,7 +70,7 @@ def evaluate(ckpt: Path, batches: list[dict[str, torch.Tensor]], steps: int, dev
         metrics["mean"](out.mean(1), hr)
         metrics["single"](out[:, 0], hr)
         metrics["bicubic"](cond, hr)
-    return {k: float(m.aggregate().item()) for k, m in metrics.items()}
+    return {k: float(torch.as_tensor(m.aggregate()).item()) for k, m in metrics.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
