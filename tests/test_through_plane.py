@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,22 @@ def test_non_axial_nifti_is_refined_along_its_thick_array_axis(thick_model) -> N
     back = permute_scan(res_stored.mean, [0, 2, 1])
     np.testing.assert_allclose(back.affine, res_axial.mean.affine, atol=1e-9)
     np.testing.assert_allclose(back.array, res_axial.mean.array, atol=1e-4 * float(np.ptp(low.array)))
+
+
+def test_one_sample_runs_one_orientation_and_no_more(thick_model) -> None:
+    """``samples=1`` draws exactly one sample (the first orientation's), not one per orientation."""
+    truth, low = make_thick(t1_block(), 2)
+    opt = SamplingConfig(samples=1, steps=2, device="cpu", amp="none", keep_samples=True)
+    seen: list[tuple[int, int]] = []
+    res = enhance_through_plane(low, thick_model, opt, progress=lambda d, t: seen.append((d, t)))
+    assert res.info["samples_total"] == 1 and [o["samples"] for o in res.info["orientations"]] == [1]
+    assert res.samples is not None and res.samples.shape == (1, *truth.spatial_shape)
+    x = low.spatial_shape[0]
+    assert seen[-1][0] == seen[-1][1] == x * 2  # one orientation's planes, 2 steps, nothing shared at 1 sample
+    np.testing.assert_allclose(res.mean.array[0], res.samples[0], atol=1e-4 * float(np.ptp(low.array)))
+    assert float(np.abs(res.std.array).max()) == 0.0
+    two = enhance_through_plane(low, thick_model, replace(opt, samples=2))
+    np.testing.assert_allclose(two.samples[0], res.samples[0], atol=1e-4 * float(np.ptp(low.array)))
 
 
 def test_pooled_result_is_the_statistics_of_both_orientations_samples(thick_model) -> None:
