@@ -88,6 +88,7 @@ def test_card_script_scores_thick_held_out_scans_against_cubic(tmp_path: Path, m
     for c in cases:
         assert c["gain_db"] == pytest.approx(c["mean_psnr"] - c["cubic_psnr"])
         assert c["consistency_mae"] < 1e-4  # projected: averaging the thin slices gives the input back
+        assert 0.0 <= c["coverage_90_body"] <= 1.0 and c["halfwidth_body_pct"] > 0  # the pooled interval, measured
     assert cases[0]["interpolation"] == "cubic along axis 2" and cases[1]["interpolation"] == "cubic along axis 0"
     assert cases[0]["adapt"]["steps"] == 1 and "adapt" not in cases[2]
     assert result["timing"]["output"] == [16, 16, 8]
@@ -96,3 +97,5 @@ def test_card_script_scores_thick_held_out_scans_against_cubic(tmp_path: Path, m
     verdict = "yes" if min(c["gain_db"] for c in cases) >= 2 else "NO"
     assert f"Target met without adaptation: {verdict}" in text
     assert text.count("| anatomical |") == 2 and "| CT_small |" in text
+    assert f"| {cases[2]['coverage_90_body']:.3f} |" in text
+    assert "indicative only" in text  # 2 samples x 1 step: not the calibration settings

@@ -7,7 +7,7 @@
 # Run from the checkout root (PYTHONPATH=$PWD). Copy a checkpoint that is still being written before using it.
 # Writes medsr/weights/throughplane_x4.pt, medsr/weights/THROUGHPLANE_X4_CARD.md,
 # pipelines/throughplane_x4/calibration.json and pipelines/throughplane_x4/card.json. About 20-40 min on a
-# loaded 2-core CPU at these settings (sampling: the defaults of medsr.config.SamplingConfig; the card at 2 samples);
+# loaded 2-core CPU at these settings (sampling: the defaults of medsr.config.SamplingConfig, card included, so its coverage is measured at the calibration settings);
 # raise --samples/--steps/--crop where there is time.
 set -euo pipefail
 ckpt=${1:?usage: ship.sh CHECKPOINT}
@@ -21,5 +21,5 @@ export OMP_NUM_THREADS=1
     --out "$work/study" --crop 64 --export pipelines/throughplane_x4/calibration.json
 "$py" -m pipelines.export_model "$work/checkpoint.pt" --name throughplane_x4 \
     --calibration-json pipelines/throughplane_x4/calibration.json
-"$py" -m pipelines.throughplane_card medsr/weights/throughplane_x4.pt --samples 2 --adapt 20 --crop 40 \
+"$py" -m pipelines.throughplane_card medsr/weights/throughplane_x4.pt --adapt 20 --crop 40 \
     --json pipelines/throughplane_x4/card.json
