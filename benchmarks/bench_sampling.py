@@ -172,6 +172,30 @@ def section_overhead(model: LoadedModel, sz: Sizes, device: torch.device, repeat
           f"{'met' if ratio <= 1.10 else 'not met'}", flush=True)
 
 
+def network_batch_ceiling(model: LoadedModel, batch: int, device: str, repeats: int = 3) -> tuple[float, float]:
+    """Seconds per window of the bare network on training-size windows, one per call vs ``batch`` per call (the
+    best of ``repeats``): the most that batching samples can buy on this device, whatever the sampler does."""
+    dev = resolve_device(device)
+    size = tuple(model.config.data.patch_size)
+    per_window = []
+    with torch.no_grad():
+        for b in (1, batch):
+            x = torch.randn(b, 2, *size, device=dev)
+            t = torch.full((b,), 500, device=dev, dtype=torch.long)
+            model.net(x, timesteps=t)  # warm-up
+            calls = max(1, batch // b)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    model.net(x, timesteps=t)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                best = min(best, (time.perf_counter() - t0) / (calls * b))
+            per_window.append(best)
+    return per_window[0], per_window[1]
+
+
 def section_batching(model: LoadedModel, deg: Degraded, sz: Sizes, device: str) -> None:
     opts = EnhanceOptions(samples=sz.batch_samples, steps=sz.batch_steps, device=device, amp="none")
     t_batched, m_batched = run_enhance(deg, model, replace(opts, batch_size=sz.batch_samples))
@@ -179,6 +203,9 @@ def section_batching(model: LoadedModel, deg: Degraded, sz: Sizes, device: str) 
     print(f"samples: {sz.batch_samples} batched {t_batched:.2f} s vs one after another {t_serial:.2f} s: "
           f"{t_serial / t_batched:.2f}x, max |difference| of means {np.abs(m_batched - m_serial).max():.2e}",
           flush=True)
+    one, many = network_batch_ceiling(model, sz.batch_samples, device)
+    print(f"network alone: {one * 1000:.1f} ms per window one at a time vs {many * 1000:.1f} ms in batches of "
+          f"{sz.batch_samples}: {one / many:.2f}x, the ceiling of batching on this device", flush=True)
 
 
 def memory_child(args: argparse.Namespace) -> None:

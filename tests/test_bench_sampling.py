@@ -35,6 +35,7 @@ SAMPLING_LINES = [
     rf"^overhead: sampling step {NUM} ms vs bare network {NUM} ms on the same 18 windows \(\d+ network calls\): "
     rf"ratio (?P<ratio>{NUM}), target <= 1.10: (?P<verdict>met|not met)$",
     rf"^samples: 3 batched {NUM} s vs one after another {NUM} s: {NUM}x, max \|difference\| of means {NUM}",
+    rf"^network alone: {NUM} ms per window one at a time vs {NUM} ms in batches of 3: {NUM}x, the ceiling",
     rf"^memory: 32 slices \(output 32x32x32\): peak RSS growth {NUM} MiB, output arrays 0.5 MiB",
     rf"^memory: 64 slices \(output 32x32x64\): peak RSS growth {NUM} MiB, output arrays 1.0 MiB",
     rf"^memory: from 32 to 64 slices growth rose {NUM} MiB for 0.5 MiB more output arrays",
