@@ -136,7 +136,14 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop (AdamW, warm-up, clipping, EMA, autocast, checkpoints, validation)."""
+    """The training loop (AdamW, warm-up, clipping, EMA, autocast, checkpoints, validation).
+
+    The learning rate warms up linearly over ``warmup_steps``, stays at ``lr``, and where ``lr_decay_end`` > 0
+    follows a half cosine from ``lr`` at step ``lr_decay_start`` down to ``lr * lr_final`` at ``lr_decay_end``,
+    constant after: the annealing that ends a long constant-rate run once validation goes flat. The rate is a
+    function of the step alone, so a run split over sessions gets the same rates, and the decay can be added
+    to a run already going (the ``train`` section may change between parts).
+    """
 
     out_dir: str = "runs/default"
     steps: int = 1000
@@ -144,6 +151,9 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 1e-4
     warmup_steps: int = 100
+    lr_decay_start: int = 0
+    lr_decay_end: int = 0  # 0: no decay
+    lr_final: float = 0.1  # fraction of lr reached at lr_decay_end
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     amp: str = "auto"  # auto | bf16 | fp16 | none
@@ -371,6 +381,10 @@ def validate_config(cfg: Config) -> None:
     for key in ("warmup_steps", "val_patches", "threads"):
         _need(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))
     _need(_finite(t.lr) and t.lr > 0, "train.lr", "a finite number > 0", t.lr)
+    _need(t.lr_decay_start >= 0, "train.lr_decay_start", ">= 0", t.lr_decay_start)
+    _need(t.lr_decay_end == 0 or t.lr_decay_end > t.lr_decay_start, "train.lr_decay_end",
+          f"0 (no decay) or > lr_decay_start ({t.lr_decay_start})", t.lr_decay_end)
+    _need(_finite(t.lr_final) and 0 < t.lr_final <= 1, "train.lr_final", "in (0, 1]", t.lr_final)
     _need(_finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", "a finite number >= 0",
           t.weight_decay)
     _need(_finite(t.grad_clip) and t.grad_clip > 0, "train.grad_clip", "a finite number > 0", t.grad_clip)

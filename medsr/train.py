@@ -25,7 +25,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from medsr.config import Config, to_dict
+from medsr.config import Config, TrainConfig, to_dict
 from medsr.data import PatchDataset, load_volumes
 from medsr.degrade import parse_spec
 from medsr.diffusion import diffusion_loss, make_train_scheduler
@@ -35,7 +35,7 @@ from medsr.model import build_unet, checkpoint_payload, load_checkpoint, load_st
 from medsr.runtime import autocast_context, dist_info, resolve_amp, resolve_device
 from medsr.sampling import make_generators, sample
 
-__all__ = ["train", "TrainResult"]
+__all__ = ["train", "TrainResult", "lr_factor"]
 
 # config sections that define the model; a checkpoint whose sections differ cannot be resumed or used
 MODEL_SECTIONS = ("degrade", "model", "diffusion", "intensity")
@@ -52,8 +52,14 @@ class TrainResult:
     val: list[dict[str, float]]
 
 
-def _lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / max(1, warmup))
+def lr_factor(step: int, train: TrainConfig) -> float:
+    """The learning rate at ``step`` as a fraction of ``train.lr``: linear warm-up, then constant, then (where
+    ``train.lr_decay_end`` is set) a half cosine down to ``train.lr_final`` (see :class:`TrainConfig`)."""
+    factor = min(1.0, (step + 1) / max(1, train.warmup_steps))
+    if train.lr_decay_end > 0 and step > train.lr_decay_start:
+        progress = min(1.0, (step - train.lr_decay_start) / (train.lr_decay_end - train.lr_decay_start))
+        factor *= train.lr_final + (1.0 - train.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -196,7 +202,7 @@ def train(cfg: Config) -> TrainResult:
         wait_time += t_data - t_prev
         hr, cond = batch["hr"].to(device), batch["cond"].to(device)
         for group in opt.param_groups:
-            group["lr"] = cfg.train.lr * _lr_factor(step, cfg.train.warmup_steps)
+            group["lr"] = cfg.train.lr * lr_factor(step, cfg.train)
         with autocast_context(device, amp):
             loss = diffusion_loss(model, scheduler, hr, cond, cfg.diffusion, gen)
         if not math.isfinite(loss.item()):

@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from medsr.cli import app
-from medsr.config import Config, DiffusionConfig, ModelConfig, load_config
+from medsr.config import Config, DiffusionConfig, ModelConfig, TrainConfig, load_config
 from medsr.data import PatchDataset, Volume, load_volumes
 from medsr.degrade import parse_spec
 from medsr.diffusion import diffusion_loss, make_train_scheduler
@@ -25,7 +25,7 @@ from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig
 from medsr.io.refs import resolve_ref
 from medsr.model import CHECKPOINT_FORMAT, build_unet, load_checkpoint, load_model
-from medsr.train import train
+from medsr.train import lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {"degrade", "data", "diffusion", "intensity", "train"}  # a model/training config (medsr.config)
@@ -147,6 +147,25 @@ def test_resume_equals_uninterrupted(finished_run, tmp_path: Path) -> None:  # n
     # a finished run asked again does nothing and keeps its checkpoint
     again = train(tiny_config(out, "train.steps=6"))
     assert again.step == 6 and again.losses == []
+
+
+def test_lr_warms_up_holds_then_anneals_by_half_cosine_to_its_floor() -> None:
+    t = TrainConfig(lr=1.0, warmup_steps=4, lr_decay_start=10, lr_decay_end=30, lr_final=0.1)
+    f = [lr_factor(s, t) for s in range(40)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4:11] == [1.0] * 7
+    assert f[20] == pytest.approx(0.55)  # half way: the mean of 1 and the floor
+    assert all(a > b for a, b in zip(f[10:31], f[11:31])) and f[30:] == [pytest.approx(0.1)] * 10
+    assert [lr_factor(s, TrainConfig(warmup_steps=4)) for s in (3, 10_000)] == [1.0, 1.0]  # off by default
+
+
+def test_decay_added_to_a_running_job_changes_only_the_later_rates(finished_run, tmp_path: Path) -> None:  # noqa: ANN001
+    """A run resumed with a decay (the train section may change between parts) logs the scheduled rates."""
+    out = tmp_path / "run"
+    train(tiny_config(out, "train.steps=3"))
+    train(tiny_config(out, "train.steps=6", "train.lr_decay_start=3", "train.lr_decay_end=5", "train.lr_final=0.5"))
+    rates = [float(r["lr"]) for r in _log(out / "log.csv")]
+    assert rates[:3] == [float(r["lr"]) for r in _log(finished_run.out_dir / "log.csv")][:3]
+    assert rates[3:] == pytest.approx([1e-3, 1e-3 * 0.75, 1e-3 * 0.5])  # steps 3, 4, 5: start, half way, floor
 
 
 def test_resume_after_a_crash_past_the_last_checkpoint_keeps_one_log_row_per_step(finished_run,  # noqa: ANN001
@@ -303,6 +322,8 @@ def test_cli_train_runs_with_overrides(tmp_path: Path) -> None:
      ("modle.channels=[8]", "unknown keys ['modle']"),
      ("train.steps=many", "expected int"),
      ("degrade=block:4", "degradation spec"),
+     ("train.lr_decay_end=-5", "train.lr_decay_end"),
+     ("train.lr_final=0", "train.lr_final"),
      ("no_equals_sign", "expected section.key=value")],
 )
 def test_cli_bad_override_gives_clear_error(tmp_path: Path, override: str, message: str) -> None:
