@@ -58,6 +58,11 @@ class AugmentConfig:
             multiplied by a factor drawn log-uniformly in this range, so the model sees the noise levels of
             other doses, pixel sizes and patient sizes than its training scans' (a quarter-dose slice with
             0.29 mm pixels is twice as noisy as one with 0.96 mm pixels). ``(1, 1)``: off.
+        lowdose_target_noise: ``(min, max)``: low-dose specs only, the *target* (the full-dose patch) also gets
+            another cached noise realisation of the same slice, times a factor drawn uniformly in this range, and
+            the input carries it too. Real full-dose CT has quantum noise of the same texture (CT_small: 17 HU)
+            while the training scans are nearly noise-free (2-7 HU), so without it the model learns to remove
+            every grain, the truth's own included. ``(0, 0)``: off.
     """
 
     flip_prob: float = 0.0
@@ -69,6 +74,7 @@ class AugmentConfig:
     noise_prob: float = 0.0
     noise_std: float = 0.02
     lowdose_noise_scale: tuple[float, float] = (1.0, 1.0)
+    lowdose_target_noise: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass

@@ -124,16 +124,17 @@ def build_augment(cfg: AugmentConfig, patch_size: Sequence[int], factors: Sequen
     return Compose(chain) if chain else None
 
 
-def _noise_scale(augment: AugmentConfig | None, spec: DegradeSpec,
-                 lowdose_cache: str | Path | None) -> tuple[float, float] | None:
-    """The checked ``lowdose_noise_scale`` range, or None when it is off."""
-    if augment is None or tuple(augment.lowdose_noise_scale) == (1.0, 1.0):
+def _lowdose_range(augment: AugmentConfig | None, name: str, off: tuple[float, float], zero_ok: bool,
+                   spec: DegradeSpec, lowdose_cache: str | Path | None) -> tuple[float, float] | None:
+    """The checked range ``augment.<name>`` of a factor on the cached low-dose noise, or None when it is off."""
+    if augment is None or tuple(getattr(augment, name)) == off:
         return None
-    lo, hi = (float(x) for x in augment.lowdose_noise_scale)
-    if not 0.0 < lo <= hi:
-        raise MedsrError(f"data.augment.lowdose_noise_scale must be (min, max) with 0 < min <= max, got {(lo, hi)}")
+    lo, hi = (float(x) for x in getattr(augment, name))
+    if not (0.0 <= lo <= hi and hi > 0.0 and (zero_ok or lo > 0.0)):
+        bound = "0 <= min <= max, max > 0" if zero_ok else "0 < min <= max"
+        raise MedsrError(f"data.augment.{name} must be (min, max) with {bound}, got {(lo, hi)}")
     if spec.kind != "lowdose" or spec.dose >= 1.0 or lowdose_cache is None:
-        raise MedsrError(f"data.augment.lowdose_noise_scale scales the cached low-dose noise; degradation {spec} "
+        raise MedsrError(f"data.augment.{name} scales the cached low-dose noise; degradation {spec} "
                          "has none (it needs a lowdose spec with dose < 1 and a noise cache)")
     return lo, hi
 
@@ -184,7 +185,8 @@ class PatchDataset(Dataset):
             for transform in self.augment.transforms:
                 transform.set_random_state(state=self._augment_state)
         self.noise: list[np.ndarray] | None = None
-        self.noise_scale = _noise_scale(augment, spec, lowdose_cache)
+        self.noise_scale = _lowdose_range(augment, "lowdose_noise_scale", (1.0, 1.0), False, spec, lowdose_cache)
+        self.target_noise = _lowdose_range(augment, "lowdose_target_noise", (0.0, 0.0), True, spec, lowdose_cache)
         if lowdose_cache is not None and spec.kind == "lowdose" and spec.dose < 1.0:
             if len(self.slice_axes) > 1:  # the cached noise is simulated in the planes across slice_axis only
                 raise MedsrError(f"low-dose noise cache is made across slice_axis {self.slice_axis}; it cannot serve "
@@ -240,9 +242,18 @@ class PatchDataset(Dataset):
             hr = self._augment(hr[0], int(index))[None]
         params = draw_params(self.spec, rng)
         if self.noise is not None:  # whole-slice low-dose noise, made once, cut at the patch's place
-            noise = self._cut(self.noise[v][int(rng.integers(len(self.noise[v])))], pad, where, axis).astype(np.float32)
+            realisations = len(self.noise[v])
+            k = int(rng.integers(realisations))
+            noise = self._cut(self.noise[v][k], pad, where, axis).astype(np.float32)
             if self.noise_scale is not None:  # drawn only then: items without it stay those of older versions
                 noise *= np.float32(np.exp(rng.uniform(*np.log(self.noise_scale))))
+            if self.target_noise is not None:  # the full-dose target's own grain: another realisation
+                if realisations < 2:
+                    raise MedsrError(f"{vol.name}: data.augment.lowdose_target_noise needs two noise realisations "
+                                     "per slice in the cache; it has one")
+                other = (k + 1 + int(rng.integers(realisations - 1))) % realisations
+                own = self._cut(self.noise[v][other], pad, where, axis).astype(np.float32)
+                hr = hr + torch.from_numpy(own * np.float32(rng.uniform(*self.target_noise)))[None, None]
             lowres = self.spec.forward(hr + torch.from_numpy(noise)[None, None])
         else:
             in_plane = [s for a, s in enumerate(vol.spacing) if a != axis or len(self.patch_size) == 3]

@@ -286,6 +286,42 @@ def test_noise_scale_augmentation_scales_the_cached_noise_within_its_range(tmp_p
     assert torch.equal(scaled[5]["lowres"], scaled[5]["lowres"])  # reproducible
 
 
+def test_target_noise_gives_the_full_dose_target_its_own_grain_of_the_same_texture(tmp_path: Path) -> None:
+    """With lowdose_target_noise the target is the clean patch plus another cached realisation (scaled within the
+    range), the input carries it plus the item's usual low-dose noise; off, the items are the old ones."""
+    vols = load_volumes(["pydicom:CT_small.dcm"], IntensityConfig())
+    spec = parse_spec("lowdose:1x1,dose=0.25")
+    plain = PatchDataset(vols, spec, (32, 32), 12, seed=0, lowdose_cache=tmp_path)
+    off = PatchDataset(vols, spec, (32, 32), 12, seed=0, lowdose_cache=tmp_path,
+                       augment=AugmentConfig(lowdose_target_noise=(0.0, 0.0)))
+    grainy = PatchDataset(vols, spec, (32, 32), 12, seed=0, lowdose_cache=tmp_path,
+                          augment=AugmentConfig(lowdose_target_noise=(0.2, 0.8)))
+    cache = plain.noise[0]  # (K, X, Y, Z) realisations of the one slice
+    factors = []
+    for i in range(12):
+        a, b = plain[i], grainy[i]
+        assert torch.equal(off[i]["lowres"], a["lowres"]) and torch.equal(off[i]["hr"], a["hr"])
+        torch.testing.assert_close(b["lowres"] - b["hr"], a["lowres"] - a["hr"], atol=1e-5, rtol=0)  # same input noise
+        own = (b["hr"] - a["hr"]).flatten().double()
+        assert own.abs().max() > 0
+        # the target's grain is one cached realisation (not the input's), scaled by a factor in the range
+        fits = []
+        for k in range(cache.shape[0]):
+            ref = torch.from_numpy(np.asarray(cache[k], np.float64))
+            window = [ref[x:x + 32, y:y + 32, 0].flatten() for x in range(ref.shape[0] - 31)
+                      for y in range(ref.shape[1] - 31)]
+            for w in window:
+                f = float(own @ w / (w @ w))
+                if torch.allclose(own, f * w, atol=1e-3, rtol=0):
+                    fits.append((k, f))
+                    break
+        assert fits, f"item {i}: the target's grain is no cached realisation"
+        assert all(0.2 - 1e-3 <= f <= 0.8 + 1e-3 for _, f in fits)
+        factors.append(fits[0][1])
+    assert max(factors) - min(factors) > 0.2
+    assert torch.equal(grainy[4]["hr"], grainy[4]["hr"])  # reproducible
+
+
 @pytest.mark.parametrize("spec_text, scale, message", [("lowdose:1x1,dose=0.25", (2.0, 1.0), "0 < min <= max"),
                                                       ("block:2x2", (0.5, 2.0), "has none")])
 def test_noise_scale_augmentation_refuses_bad_ranges_and_specs_without_lowdose_noise(
@@ -294,6 +330,9 @@ def test_noise_scale_augmentation_refuses_bad_ranges_and_specs_without_lowdose_n
     with pytest.raises(MedsrError, match=message):
         PatchDataset([vol], parse_spec(spec_text), (8, 8), 4, lowdose_cache=tmp_path / "cache",
                      augment=AugmentConfig(lowdose_noise_scale=scale))
+    with pytest.raises(MedsrError, match="lowdose_target_noise"):
+        PatchDataset([vol], parse_spec(spec_text), (8, 8), 4, lowdose_cache=tmp_path / "cache",
+                     augment=AugmentConfig(lowdose_target_noise=(0.5, 0.1) if "lowdose" in spec_text else (0, 1)))
 
 
 def test_noise_cache_refuses_patches_cut_across_several_axes(tmp_path: Path) -> None:
