@@ -5,6 +5,7 @@ No timing asserts: only that every section prints its line with numbers in it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -108,3 +109,21 @@ def test_bench_throughplane_volume_measures_the_asked_grid_even_beyond_the_scan(
     assert re.search(r"^through-plane x4: 176x176x2 -> 176x176x8, 2 samples x 2 DDIM steps \(first step shared\) "
                      r"= 4 network passes", out, re.M), out
     assert re.search(rf"^wall {NUM} s \({NUM} min\), {NUM} output voxels/s, peak RSS {NUM} MB", out, re.M), out
+
+
+@pytest.mark.slow
+def test_bench_inplane_volume_enhances_the_asked_volume_and_reports_throughput() -> None:
+    """The shipped default model on a small crop of the held-out volume: the grid grows 4x in-plane only, the pass
+    count is the cost model's, and throughput and memory are printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_inplane_volume.py"), "--size", "16",
+                           "--slices", "3", "--samples", "3"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"^in-plane x4: 16x16x3 -> 64x64x3, 3 samples x 2 DDIM steps \(first step shared\) = 4 network "
+                     r"passes per slice", out, re.M), out
+    assert re.search(rf"^wall {NUM} s \({NUM} min\), CPU {NUM} s, {NUM} output voxels/s \({NUM} per CPU second\), "
+                     rf"peak RSS {NUM} MB", out, re.M), out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["output"] == [64, 64, 3] and result["passes_per_slice"] == 4
