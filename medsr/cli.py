@@ -88,7 +88,8 @@ def enhance(
     sampler: str = typer.Option(_SAMPLING.sampler, help="ddim (fast) or ddpm (all 1000 steps, SR3's reference)"),
     seed: int = typer.Option(_SAMPLING.seed, help="random seed; same seed, same result"),
     device: str = typer.Option(_SAMPLING.device, help="auto, cpu or cuda"),
-    amp: str = typer.Option(_SAMPLING.amp, help="autocast: auto (bf16 on CUDA), bf16, fp16 or none"),
+    amp: str = typer.Option(_SAMPLING.amp, help="autocast: auto (bf16 on CUDA and on CPUs with native bf16), bf16, "
+                                                "fp16 or none"),
     save_samples: bool = typer.Option(False, "--save-samples", help="also write every sample (samples.nii.gz)"),
     fmt: str | None = typer.Option(None, "--format", help="nifti, dicom or both (default: both for DICOM input)"),
     projection: bool = typer.Option(_SAMPLING.project, help="data-consistency projection at every step"),
@@ -243,6 +244,8 @@ def archive(
     threads: int | None = typer.Option(None, help="torch threads per worker (default: cores // workers)"),
     seed: int | None = typer.Option(None, help="random seed (default 0)"),
     device: str | None = typer.Option(None, help="auto (GPU LOCAL_RANK under torchrun), cpu, cuda or cuda:N"),
+    amp: str | None = typer.Option(None, help="autocast: auto (default; bf16 on CUDA and on CPUs with native bf16), "
+                                              "bf16, fp16 or none (float32: the same bits on every engine)"),
     fmt: str | None = typer.Option(None, "--format", help="auto (both for DICOM input), nifti, dicom or both"),
     retry_failed: bool | None = typer.Option(None, "--retry-failed", help="queue failed items again"),
     engine: str | None = typer.Option(None, help="local (worker processes) or dask (dask.distributed cluster)"),
@@ -268,7 +271,7 @@ def archive(
     try:
         opts = load_archive_options(config, model=model, samples=samples,
                                     steps=steps, workers=workers, threads=threads, seed=seed, device=device,
-                                    format=fmt, retry_failed=retry_failed, engine=engine, scheduler=scheduler,
+                                    amp=amp, format=fmt, retry_failed=retry_failed, engine=engine, scheduler=scheduler,
                                     store_back=store_back,
                                     credentials=None if credentials is None else str(credentials),
                                     modality=modality, study_date=study_date, series_description=series_description)
