@@ -29,7 +29,7 @@ from medsr.io.scan import crop_scan  # noqa: E402
 from medsr.model import load_model  # noqa: E402
 from medsr.runtime import DEFAULT_MODEL_NAME, shipped_model  # noqa: E402
 from pipelines.calibrate_default_model import INIA19  # noqa: E402
-from pipelines.throughplane_card import peak_rss_mb  # noqa: E402
+from pipelines.throughplane_card import mirrored_to, peak_rss_mb  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,10 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     want = (args.size, args.size, args.slices)
     scan = load_ref(INIA19, "MR")
     scan = crop_scan(scan, [max(0, (n - w) // 2) for n, w in zip(scan.spatial_shape, want)], want)
-    missing = [max(0, w - n) for w, n in zip(want, scan.spatial_shape)]
-    if any(missing):  # timing depends on the grid, not on the anatomy: mirror the scan out to the asked size
-        pad = [(0, 0)] + [(m // 2, m - m // 2) for m in missing]
-        scan = scan.with_array(np.pad(scan.array, pad, mode="symmetric"), scan.affine)
+    scan = mirrored_to(scan, want)
     rss_loaded = peak_rss_mb()
     opt = SamplingConfig(samples=args.samples, steps=args.steps, device="cpu", slice_axis=2)
     wall0, cpu0 = time.perf_counter(), time.process_time()

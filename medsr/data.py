@@ -247,10 +247,8 @@ class PatchDataset(Dataset):
             noise = self._cut(self.noise[v][k], pad, where, axis).astype(np.float32)
             if self.noise_scale is not None:  # drawn only then: items without it stay those of older versions
                 noise *= np.float32(np.exp(rng.uniform(*np.log(self.noise_scale))))
-            if self.target_noise is not None:  # the full-dose target's own grain: another realisation
-                if realisations < 2:
-                    raise MedsrError(f"{vol.name}: data.augment.lowdose_target_noise needs two noise realisations "
-                                     "per slice in the cache; it has one")
+            if self.target_noise is not None:  # the full-dose target's own grain: another realisation (the cache
+                # holds at least two per slice: medsr.lowdose_cache.realisations_for)
                 other = (k + 1 + int(rng.integers(realisations - 1))) % realisations
                 own = self._cut(self.noise[v][other], pad, where, axis).astype(np.float32)
                 hr = hr + torch.from_numpy(own * np.float32(rng.uniform(*self.target_noise)))[None, None]

@@ -86,6 +86,16 @@ def centre(scan: Scan, size: int | None) -> Scan:
     return crop_scan(scan, [(n - s) // 2 for n, s in zip(shape, sizes)], sizes)
 
 
+def mirrored_to(scan: Scan, shape: tuple[int, int, int]) -> Scan:
+    """``scan`` mirrored at its borders out to at least ``shape`` (for timings: their cost depends on the grid, not
+    on the anatomy; the affine is kept, so the padded voxels' positions are not meant to be read)."""
+    missing = [max(0, want - have) for want, have in zip(shape, scan.spatial_shape)]
+    if not any(missing):
+        return scan
+    pad = [(0, 0)] + [(m // 2, m - m // 2) for m in missing]
+    return scan.with_array(np.pad(scan.array, pad, mode="symmetric"), scan.affine)
+
+
 def score(scan: Scan, model: LoadedModel, case: Case, opt: EnhanceOptions) -> dict[str, float]:
     """PSNR/SSIM (normalised units, range 2) of cubic and of the posterior mean, and the coverage, mean half-width
     and per-patch Spearman(std, |error|) of the pooled calibrated interval inside the body, from
@@ -136,10 +146,7 @@ def timing(checkpoint: str, size: int, slices: int, samples: int, steps: int) ->
     model = load_model(checkpoint)
     hr = centre(load_ref(INIA19, "MR"), max(size, 4 * slices))
     hr = crop_scan(hr, [0, 0, 0], [size, size, 4 * slices])
-    missing = [max(0, want - have) for want, have in zip((size, size, 4 * slices), hr.spatial_shape)]
-    if any(missing):  # timing depends on the grid, not on the anatomy: mirror the scan out to the asked size
-        pad = [(0, 0)] + [(m // 2, m - m // 2) for m in missing]
-        hr = hr.with_array(np.pad(hr.array, pad, mode="symmetric"), hr.affine)
+    hr = mirrored_to(hr, (size, size, 4 * slices))
     low = degrade_scan(hr, "block:1x1x4", model.config.intensity, None, 0).low
     rss_loaded = peak_rss_mb()
     choice = ModelChoice("checkpoint", "throughplane", 2, 4, "timing")
