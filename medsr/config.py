@@ -63,6 +63,13 @@ class AugmentConfig:
             the input carries it too. Real full-dose CT has quantum noise of the same texture (CT_small: 17 HU)
             while the training scans are nearly noise-free (2-7 HU), so without it the model learns to remove
             every grain, the truth's own included. ``(0, 0)``: off.
+        zoom_out_prob: probability of cutting a window ``z`` times the patch size and block-averaging it down to
+            the patch (``z`` drawn uniformly among the integers 2..``zoom_out_max``): the same anatomy at ``z``
+            times coarser voxels, as a scan acquired with larger voxels shows it (each voxel the mean of the
+            finer ones it covers). Widens the voxel sizes the model has seen beyond its training scans' own
+            (a 2 mm template is twice as coarse as any 1 mm training volume). Not with the low-dose noise cache
+            (its noise is made at the scans' own voxel size).
+        zoom_out_max: largest integer zoom-out factor (>= 2).
     """
 
     flip_prob: float = 0.0
@@ -75,6 +82,8 @@ class AugmentConfig:
     noise_std: float = 0.02
     lowdose_noise_scale: tuple[float, float] = (1.0, 1.0)
     lowdose_target_noise: tuple[float, float] = (0.0, 0.0)
+    zoom_out_prob: float = 0.0
+    zoom_out_max: int = 2
 
 
 @dataclass

@@ -139,6 +139,16 @@ def _lowdose_range(augment: AugmentConfig | None, name: str, off: tuple[float, f
     return lo, hi
 
 
+def _zoom_out(augment: AugmentConfig | None) -> tuple[float, int] | None:
+    """The checked ``(zoom_out_prob, zoom_out_max)`` of ``augment``, or None when zoom-out is off."""
+    if augment is None or augment.zoom_out_prob == 0.0:
+        return None
+    _check_prob("zoom_out_prob", augment.zoom_out_prob)
+    if int(augment.zoom_out_max) != augment.zoom_out_max or augment.zoom_out_max < 2:
+        raise MedsrError(f"data.augment.zoom_out_max must be an integer >= 2, got {augment.zoom_out_max}")
+    return float(augment.zoom_out_prob), int(augment.zoom_out_max)
+
+
 class PatchDataset(Dataset):
     """``length`` reproducible patch pairs from ``volumes``.
 
@@ -187,7 +197,11 @@ class PatchDataset(Dataset):
         self.noise: list[np.ndarray] | None = None
         self.noise_scale = _lowdose_range(augment, "lowdose_noise_scale", (1.0, 1.0), False, spec, lowdose_cache)
         self.target_noise = _lowdose_range(augment, "lowdose_target_noise", (0.0, 0.0), True, spec, lowdose_cache)
+        self.zoom_out = _zoom_out(augment)
         if lowdose_cache is not None and spec.kind == "lowdose" and spec.dose < 1.0:
+            if self.zoom_out is not None:
+                raise MedsrError("data.augment.zoom_out_prob: the low-dose noise cache is made at the scans' own "
+                                 "voxel size; it cannot serve zoomed-out patches (set zoom_out_prob: 0)")
             if len(self.slice_axes) > 1:  # the cached noise is simulated in the planes across slice_axis only
                 raise MedsrError(f"low-dose noise cache is made across slice_axis {self.slice_axis}; it cannot serve "
                                  f"patches cut across several axes {self.slice_axes} (use one slice axis)")
@@ -197,9 +211,10 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _window(self, vol: Volume, rng: np.random.Generator) -> tuple[list[tuple[int, int]], tuple[slice, ...], int]:
+    def _window(self, vol: Volume, rng: np.random.Generator,
+                zoom: int = 1) -> tuple[list[tuple[int, int]], tuple[slice, ...], int]:
         """Where the patch is: padding for scans smaller than it, the slices into the padded scan, and (2D) the
-        axis the slice is cut across."""
+        axis the slice is cut across. ``zoom``: the window is that many times the patch (zoom-out augmentation)."""
         data = vol.data
         shape = data.shape
         axis = self.slice_axis
@@ -211,10 +226,10 @@ class PatchDataset(Dataset):
                 axis = usable[int(rng.integers(len(usable)))]
             size = [0, 0, 0]
             in_plane = [a for a in range(3) if a != axis]
-            size[in_plane[0]], size[in_plane[1]] = self.patch_size
+            size[in_plane[0]], size[in_plane[1]] = (p * zoom for p in self.patch_size)
             size[axis] = 1
         else:
-            size = list(self.patch_size)
+            size = [p * zoom for p in self.patch_size]
         if len(vol.foreground) and rng.random() < self.foreground_fraction:
             centre = vol.foreground[rng.integers(len(vol.foreground))]
         else:
@@ -236,8 +251,15 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
         v = int(rng.integers(len(self.volumes)))
         vol = self.volumes[v]
-        pad, where, axis = self._window(vol, rng)
+        zoom = 1
+        if self.zoom_out is not None:  # drawn only then: items without it stay those of older versions
+            prob, largest = self.zoom_out
+            zoom = int(rng.integers(2, largest + 1)) if rng.random() < prob else 1
+        pad, where, axis = self._window(vol, rng, zoom)
         hr = torch.from_numpy(np.ascontiguousarray(self._cut(vol.data, pad, where, axis)))[None, None].float()
+        if zoom > 1:  # coarser voxels, each the mean of the finer ones it covers
+            pool = torch.nn.functional.avg_pool2d if len(self.patch_size) == 2 else torch.nn.functional.avg_pool3d
+            hr = pool(hr, zoom)
         if self.augment is not None:  # before degradation: the input is always the degradation of the target
             hr = self._augment(hr[0], int(index))[None]
         params = draw_params(self.spec, rng)
@@ -254,7 +276,7 @@ class PatchDataset(Dataset):
                 hr = hr + torch.from_numpy(own * np.float32(rng.uniform(*self.target_noise)))[None, None]
             lowres = self.spec.forward(hr + torch.from_numpy(noise)[None, None])
         else:
-            in_plane = [s for a, s in enumerate(vol.spacing) if a != axis or len(self.patch_size) == 3]
+            in_plane = [s * zoom for a, s in enumerate(vol.spacing) if a != axis or len(self.patch_size) == 3]
             lowres = apply_degradation(hr, params, float(np.mean(in_plane[:2])), vol.window or (-1024.0, 1024.0))
         cond = upsample(lowres, self.spec.factors)
         return {"hr": hr[0], "cond": cond[0], "lowres": lowres[0]}

@@ -153,7 +153,7 @@ def test_augment_off_is_the_identity(mni: list[Volume]) -> None:
     spec = parse_spec("kspace:4x4,noise=0.03")
     plain = PatchDataset(mni, spec, (32, 32), 20, seed=2)
     assert build_augment(AugmentConfig(), (32, 32), (4, 4)) is None
-    for cfg in (AugmentConfig(), AugmentConfig(noise_std=0.5, gamma_range=(0.2, 3.0))):
+    for cfg in (AugmentConfig(), AugmentConfig(noise_std=0.5, gamma_range=(0.2, 3.0), zoom_out_max=3)):
         off = PatchDataset(mni, spec, (32, 32), 20, seed=2, augment=cfg)
         assert all(_same(plain[i], off[i]) for i in range(20))
 
@@ -240,6 +240,43 @@ def test_augment_through_a_worker_loader(mni: list[Volume]) -> None:
     assert type(main["hr"]) is torch.Tensor
 
 
+def _ramp(shape: tuple[int, int, int]) -> list[Volume]:
+    """A volume whose value is a linear function of the voxel index (x + 100 y + 10^4 z, x and y < 100, exact in
+    float32): a patch's steps along each axis (block averaging keeps it linear) say how many voxels each patch
+    voxel spans."""
+    x, y, z = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
+    data = (x + 100 * y + 1e4 * z).astype(np.float32)
+    return [Volume("ramp", data, np.argwhere(np.ones(shape, bool)).astype(np.int32))]
+
+
+@pytest.mark.parametrize(("patch", "spec", "steps"), [((16, 16), "block:1x4", (1.0, 100.0)),
+                                                      ((8, 8, 8), "block:1x1x4", (1.0, 100.0, 1e4))])
+def test_zoom_out_block_averages_a_larger_window(patch: tuple[int, ...], spec: str, steps: tuple[float, ...]) -> None:
+    """Zoomed-out items are a z-times larger window block-averaged to the patch (each voxel spans z voxels on every
+    patch axis), z drawn among 2..zoom_out_max; the rest are plain crops; the input is the zoomed target degraded."""
+    vols = _ramp((96, 96, 24))
+    parsed = parse_spec(spec)
+    ds = PatchDataset(vols, parsed, patch, 60, seed=4, slice_axis=2,
+                      augment=AugmentConfig(zoom_out_prob=0.5, zoom_out_max=3))
+    zooms = []
+    for i in range(len(ds)):
+        item = ds[i]
+        hr = item["hr"][0].double()
+        diffs = [torch.diff(hr, dim=d) for d in range(hr.ndim)]
+        assert all(float(d.max() - d.min()) < 1e-2 for d in diffs)  # one step per axis: a linear ramp still
+        step = [float(d.mean()) for d in diffs]
+        z = step[0] / steps[0]
+        z = round(z)
+        assert z in (1, 2, 3) and step == pytest.approx([z * s for s in steps], rel=1e-5), step
+        zooms.append(z)
+        low = apply_degradation(item["hr"][None], draw_params(parsed, np.random.default_rng()))
+        torch.testing.assert_close(item["lowres"][None], low)
+    assert set(zooms) == {1, 2, 3} and 15 <= zooms.count(1) <= 45
+    again = PatchDataset(vols, parsed, patch, 60, seed=4, slice_axis=2,
+                         augment=AugmentConfig(zoom_out_prob=0.5, zoom_out_max=3))
+    assert all(_same(ds[i], again[i]) for i in (0, 31, 59))
+
+
 @pytest.mark.parametrize(
     ("cfg", "patch", "match"),
     [
@@ -248,6 +285,8 @@ def test_augment_through_a_worker_loader(mni: list[Volume]) -> None:
         (AugmentConfig(rot90_prob=0.5), (32, 16), "no two axes"),
         (AugmentConfig(curve_prob=0.5, curve_points=(2, 5)), (32, 32), "curve_points"),
         (AugmentConfig(gamma_prob=0.5, gamma_range=(1.5, 0.7)), (32, 32), "gamma_range"),
+        (AugmentConfig(zoom_out_prob=1.2), (32, 32), "zoom_out_prob"),
+        (AugmentConfig(zoom_out_prob=0.5, zoom_out_max=1), (32, 32), "zoom_out_max"),
     ],
 )
 def test_bad_augment_settings_raise(mni: list[Volume], cfg: AugmentConfig, patch: tuple[int, ...], match: str) -> None:

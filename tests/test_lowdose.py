@@ -343,6 +343,14 @@ def test_noise_cache_refuses_patches_cut_across_several_axes(tmp_path: Path) -> 
                      lowdose_cache=tmp_path / "cache")
 
 
+def test_noise_cache_refuses_zoomed_out_patches(tmp_path: Path) -> None:
+    """The cached noise is made at the scans' own voxel size: a zoomed-out patch would get noise of the wrong grain."""
+    vol = Volume("v", np.zeros((8, 8, 8), np.float32), np.zeros((0, 3), np.int32))
+    with pytest.raises(MedsrError, match="zoom_out_prob"):
+        PatchDataset([vol], parse_spec("lowdose:1x1,dose=0.25"), (8, 8), 4, lowdose_cache=tmp_path / "cache",
+                     augment=AugmentConfig(zoom_out_prob=0.3))
+
+
 # --- the shipped lowdose_ct model, by name -------------------------------------------------------------------
 
 def test_lowdose_ct_is_shipped_as_a_denoiser_that_auto_never_picks() -> None:
