@@ -26,11 +26,22 @@ from medsr.io.scan import Scan
 from medsr.model import LoadedModel
 from medsr.model_choice import is_through_plane
 
-__all__ = ["adapt_model"]
+__all__ = ["adapt_model", "adapt_patch_size"]
 
 
 def _volume(name: str, data: np.ndarray, threshold: float) -> Volume:
     return Volume(name, data, np.argwhere(data > threshold).astype(np.int32))
+
+
+def adapt_patch_size(train_patch: tuple[int, ...] | list[int], plane: tuple[int, ...], factors: tuple[int, ...],
+                     multiple: int = 8) -> tuple[int, int]:
+    """The square patch to adapt on: the training patch, or the largest multiple of ``multiple`` and of the factors
+    that fits inside the in-plane image (both orientations), so that a small scan's patches are its own anatomy
+    rather than mostly edge padding (a 33 x 41 plane padded to 64 x 64 is 65% copies of its border)."""
+    step = int(np.lcm.reduce([multiple, *(int(f) for f in factors)]))
+    fits = min(plane) // step * step
+    size = min(int(min(train_patch)), fits) if fits else step
+    return size, size
 
 
 def adapt_model(model: LoadedModel, scan: Scan, thick_axis: int, steps: int, *, lr: float = 1e-4,
@@ -39,7 +50,8 @@ def adapt_model(model: LoadedModel, scan: Scan, thick_axis: int, steps: int, *, 
     (the planes across ``thick_axis``), degraded along one in-plane axis; and what it cost.
 
     Both in-plane axes take the role of the degraded axis (the slices are used as they are and transposed).
-    Patches are the model's training patch size; the network's EMA copy is not used: the fine-tuned weights are.
+    Patches are the model's training patch size, or smaller on a small scan (:func:`adapt_patch_size`); the
+    network's EMA copy is not used: the fine-tuned weights are.
     """
     spec = model.degradation
     if not is_through_plane(spec):
@@ -54,9 +66,10 @@ def adapt_model(model: LoadedModel, scan: Scan, thick_axis: int, steps: int, *, 
     if min(data.shape[:2]) < 2 * max(spec.factors):
         raise MedsrError(f"{scan.source}: in-plane size {data.shape[:2]} too small to adapt on")
     thr = cfg.data.foreground_threshold
+    patch = adapt_patch_size(cfg.data.patch_size, data.shape[:2], spec.factors)
     volumes = [_volume("in-plane", np.ascontiguousarray(data), thr),
                _volume("in-plane transposed", np.ascontiguousarray(data.transpose(1, 0, 2)), thr)]
-    dataset = PatchDataset(volumes, spec, cfg.data.patch_size, steps * batch_size, seed=seed, slice_axis=2,
+    dataset = PatchDataset(volumes, spec, patch, steps * batch_size, seed=seed, slice_axis=2,
                            foreground_fraction=cfg.data.foreground_fraction)
     net = copy.deepcopy(model.net).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)

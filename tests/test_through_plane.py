@@ -15,7 +15,7 @@ from enhance_fixtures import anatomical, tiny_config, tiny_model, write_tiny_che
 from typer.testing import CliRunner
 
 import medsr.cli
-from medsr.adapt import adapt_model
+from medsr.adapt import adapt_model, adapt_patch_size
 from medsr.config import SamplingConfig, load_config
 from medsr.data import PatchDataset, Volume
 from medsr.degrade import parse_spec
@@ -209,6 +209,15 @@ def test_adapt_fine_tunes_a_copy_on_the_scans_own_slices(thick_model, tmp_path: 
     inplane = tiny_model(tmp_path / "in.pt", "block:2x2", (16, 16))
     with pytest.raises(MedsrError, match="through-plane model"):
         adapt_model(inplane, low, 2, 2)
+
+
+def test_adapt_patches_fit_a_small_scans_planes() -> None:
+    """Adaptation cuts the training patch where the planes are large enough, else the largest square of them that
+    the UNet and the factor divide (anatomical.nii's 33 x 41 planes: 32, not 64 mostly made of edge padding)."""
+    assert adapt_patch_size((64, 64), (256, 180), (1, 4)) == (64, 64)
+    assert adapt_patch_size((64, 64), (33, 41), (1, 4)) == (32, 32)
+    assert adapt_patch_size((64, 64), (41, 33), (1, 3)) == (24, 24)  # multiples of 8 and 3
+    assert adapt_patch_size((64, 64), (5, 7), (1, 4)) == (8, 8)  # smaller than any: the smallest, padded
 
 
 # --- --model auto through `medsr enhance` ------------------------------------------------------------------------
