@@ -35,7 +35,7 @@ from medsr.model import build_unet, checkpoint_payload, load_checkpoint, load_st
 from medsr.runtime import autocast_context, dist_info, resolve_amp, resolve_device
 from medsr.sampling import make_generators, sample
 
-__all__ = ["train", "TrainResult", "lr_factor"]
+__all__ = ["train", "TrainResult", "lr_factor", "truncate_log"]
 
 # config sections that define the model; a checkpoint whose sections differ cannot be resumed or used
 MODEL_SECTIONS = ("degrade", "model", "diffusion", "intensity")
@@ -176,7 +176,7 @@ def train(cfg: Config) -> TrainResult:
             tmp.write_text(json.dumps(to_dict(cfg), indent=2))
     log_path = out_dir / "log.csv"
     if rank == 0:
-        _truncate_csv(log_path, start)  # rows logged after the checkpoint we resume from are redone below
+        truncate_log(log_path, start)  # rows logged after the checkpoint we resume from are redone below
     losses: list[float] = []
     val_log: list[dict[str, float]] = []
     bar = tqdm(total=cfg.train.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
@@ -242,8 +242,8 @@ CSV_FIELDS = ["step", "loss", "lr", "data_wait_share", "sec_per_step",
               "sr_psnr", "sr_ssim", "interp_psnr", "interp_ssim"]
 
 
-def _truncate_csv(path: Path, last_step: int) -> None:
-    """Drop log rows past ``last_step`` (left by a run that stopped after its last checkpoint)."""
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop the rows of log ``path`` past ``last_step`` (left by a run that stopped after its last checkpoint)."""
     if not path.is_file():
         return
     with open(path, newline="") as fh:

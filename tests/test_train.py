@@ -182,6 +182,34 @@ def test_resume_after_a_crash_past_the_last_checkpoint_keeps_one_log_row_per_ste
     assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
 
 
+def test_committed_checkpoint_is_compact_and_resumes_close_to_the_uninterrupted_run(finished_run,  # noqa: ANN001
+                                                                                       tmp_path: Path) -> None:
+    """pipelines.commit_checkpoint: Adam moments in bfloat16 (smaller file), weights and step exact, log cut at
+    the checkpoint's step; training resumes from it and stays within bfloat16 rounding of the uninterrupted run."""
+    from pipelines.commit_checkpoint import commit_checkpoint
+
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    train(tiny_config(run, "train.steps=3"))
+    saved = (run / "last.pt").read_bytes()
+    train(tiny_config(run, "train.steps=4"))
+    (run / "last.pt").write_bytes(saved)  # the run logged step 4 after its last checkpoint (step 3)
+    out = commit_checkpoint(run, repo)
+    assert out["step"] == 3 and out["bytes_after"] < 0.85 * out["bytes_before"]
+    original, compact = load_checkpoint(run / "last.pt"), load_checkpoint(repo / "last.pt")
+    assert (run / "last.pt").read_bytes() == saved  # the run folder is only read
+    for key in ("model", "ema"):
+        assert all(torch.equal(compact[key][n], t) for n, t in original[key].items())
+    moments = [v for per in compact["optimizer"]["state"].values() for k, v in per.items() if k.startswith("exp_avg")]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
+    assert [r["step"] for r in _log(repo / "log.csv")] == ["1", "2", "3"]
+    resumed = train(tiny_config(repo, "train.steps=6"))
+    assert resumed.step == 6
+    np.testing.assert_allclose(resumed.losses, finished_run.losses[3:], rtol=2e-2)
+    reference = load_checkpoint(finished_run.checkpoint)
+    for name, tensor in reference["model"].items():
+        torch.testing.assert_close(load_checkpoint(repo / "last.pt")["model"][name], tensor, rtol=1e-2, atol=1e-4)
+
+
 # --- (c) bad checkpoints are refused --------------------------------------------------------------------
 
 def _copy_checkpoint(src: Path, dst_dir: Path) -> Path:
