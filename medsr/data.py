@@ -9,6 +9,8 @@ of DataLoader workers. Train/validation split is by scan, by listing scans in ``
 Optional training-time augmentation (:class:`medsr.config.AugmentConfig`, MONAI array transforms) changes the
 high-resolution patch before it is degraded, so every pair stays consistent; its random state comes from its
 own stream of ``(seed, rank, i)``, so turning it on changes neither which patch is cut nor the degradation.
+Zoom-out (``zoom_out_prob``) is the exception by its nature: it cuts a larger window and block-averages it to the
+patch, drawing from the item's own generator only when it is on (so configs without it keep their items).
 Low-dose CT noise is made in the sinogram of a whole slice (streaks from bone far outside a patch), which is too
 slow per patch (seconds per slice): with ``lowdose_cache`` set, a few noise realisations of every slice are
 simulated once (:mod:`medsr.lowdose_cache`) and patches add the noise cut at the same place.
