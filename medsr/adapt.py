@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -33,7 +34,7 @@ def _volume(name: str, data: np.ndarray, threshold: float) -> Volume:
     return Volume(name, data, np.argwhere(data > threshold).astype(np.int32))
 
 
-def adapt_patch_size(train_patch: tuple[int, ...] | list[int], plane: tuple[int, ...], factors: tuple[int, ...],
+def adapt_patch_size(train_patch: Sequence[int], plane: Sequence[int], factors: Sequence[int],
                      multiple: int = 8) -> tuple[int, int]:
     """The square patch to adapt on: the training patch, or the largest multiple of ``multiple`` and of the factors
     that fits inside the in-plane image (both orientations), so that a small scan's patches are its own anatomy

@@ -265,8 +265,7 @@ def test_zoom_out_block_averages_a_larger_window(patch: tuple[int, ...], spec: s
         diffs = [torch.diff(hr, dim=d) for d in range(hr.ndim)]
         assert all(float(d.max() - d.min()) < 1e-2 for d in diffs)  # one step per axis: a linear ramp still
         step = [float(d.mean()) for d in diffs]
-        z = step[0] / steps[0]
-        z = round(z)
+        z = round(step[0] / steps[0])
         assert z in (1, 2, 3) and step == pytest.approx([z * s for s in steps], rel=1e-5), step
         zooms.append(z)
         low = apply_degradation(item["hr"][None], draw_params(parsed, np.random.default_rng()))
