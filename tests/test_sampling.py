@@ -3,6 +3,7 @@ and no seams from the sliding window (with a naive patch-wise sampler as the pos
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from medsr.config import SamplingConfig
 from medsr.degrade import block_average, kspace_truncate, kspace_zero_fill, parse_spec, upsample
 from medsr.intensity import fit_normaliser
 from medsr.model import LoadedModel, configure_inference, input_layout, load_model
-from medsr.sampling import blend_weights, denoise_full, sample
+from medsr.sampling import blend_weights, denoise_full, fitted_window, sample
 
 
 @pytest.fixture(scope="module")
@@ -200,17 +201,49 @@ def test_load_model_gives_the_fast_layout_and_it_matches_v01s(shipped: LoadedMod
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("width", [48, 24])  # 24: narrower than the window, which MONAI pads up to it
+@pytest.mark.parametrize("width", [48, 24])  # 24: narrower than the window, which is fitted to it
 def test_precomputed_blend_map_is_monais(model: LoadedModel, ct_low: torch.Tensor, width: int) -> None:
     spec = parse_spec(model.config.degrade)
     cond = upsample(ct_low[..., : width // 2], spec.factors)
     x_t = torch.randn(cond.shape, generator=torch.Generator().manual_seed(3))
-    weights = blend_weights((32, 32), cond.device)
-    assert weights is not None and weights.shape == (1, 1, 32, 32)
+    roi = fitted_window((32, 32), cond.shape[2:], model.net)
+    assert roi == (32, min(32, width))
+    weights = blend_weights(roi, cond.device)
+    assert weights is not None and weights.shape == (1, 1, *roi)
+    with pytest.raises(ValueError, match="fitted window") if width < 32 else contextlib.nullcontext():
+        denoise_full(model.net, x_t, cond, 500, (32, 32), weights=blend_weights((32, 32), cond.device))
     mine = denoise_full(model.net, x_t, cond, 500, (32, 32), overlap=0.125, weights=weights)
     monai = denoise_full(model.net, x_t, cond, 500, (32, 32), overlap=0.125)
     assert mine.shape == (1, 1, 96, width)
     torch.testing.assert_close(mine, monai, rtol=0, atol=1e-6)
+
+
+def test_an_image_smaller_than_the_window_is_padded_only_to_divisibility(model: LoadedModel,
+                                                                         ct_low: torch.Tensor) -> None:
+    """An image whose width the UNet's levels do not divide, under 64² or 128² windows: the network runs once on
+    the image padded to the next multiple, not on a window of repeated edge noise, so the window size no longer
+    changes the result."""
+    m = 2 ** (len(model.net.block_out_channels) - 1)
+    width = 6 * m + m // 2
+    spec = parse_spec(model.config.degrade)
+    cond = upsample(ct_low, spec.factors)[..., :40, :width]
+    x_t = torch.randn(cond.shape, generator=torch.Generator().manual_seed(4))
+    shapes: list[tuple[int, ...]] = []
+    hook = model.net.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape[2:])))
+    try:
+        small = denoise_full(model.net, x_t, cond, 500, (64, 64))
+        large = denoise_full(model.net, x_t, cond, 500, (128, 128))
+    finally:
+        hook.remove()
+    assert shapes == [(40, 7 * m), (40, 7 * m)]
+    assert small.shape == cond.shape
+    torch.testing.assert_close(small, large, rtol=0, atol=0)
+    # what that window is: the image with its edge columns replicated (MONAI's split), cropped back
+    front = (m - m // 2) // 2
+    z = torch.nn.functional.pad(torch.cat([x_t, cond], 1), (front, m - m // 2 - front, 0, 0), mode="replicate")
+    with torch.no_grad():
+        direct = model.net(z, timesteps=torch.full((1,), 500))[..., front:front + width]
+    assert float((small - direct).abs().max()) < 1e-5 and float(small.abs().max()) > 0.01
 
 
 def _edge_error(model: LoadedModel, size: int, overlap: float) -> tuple[float, float, float, float]:
