@@ -125,6 +125,10 @@ SHIPPED_MODELS: dict[str, ShippedModel] = {
     "lowdose_ct": ShippedModel("lowdose_ct", "lowdose_ct.pt", "denoise", (1, 1),
                                "2D quarter-dose CT denoiser (sinogram-simulated noise), output grid = input grid",
                                ("CT",), auto=False, card="LOWDOSE_CT_CARD.md"),
+    # the in-plane teacher of issue 13: better on most held-out scans, ~1.7x the default's cost; ask by name
+    "inplane_v2": ShippedModel("inplane_v2", "inplane_v2_x4.pt", "inplane", (4, 4),
+                               "2D x4 in-plane, wider network (48-96-96), longer training; slower than the default",
+                               auto=False, card="INPLANE_V2_CARD.md"),
     "throughplane_x4": ShippedModel("throughplane_x4", "throughplane_x4.pt", "throughplane", (1, 4),
                                     "x4 along one axis (thick slices made thin), 2D on the planes that contain the "
                                     "thick axis, orientations pooled; brain MRI and head CT",

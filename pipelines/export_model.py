@@ -24,7 +24,8 @@ from medsr.uncertainty import ModelCalibration
 
 # the training recipe of each shipped model (what its card's "exact command" says)
 RECIPES = {"default": "medsr train configs/default_model.yaml", "lowdose_ct": "medsr train configs/lowdose_ct.yaml",
-           "throughplane_x4": "medsr train configs/throughplane_x4.yaml"}
+           "throughplane_x4": "medsr train configs/throughplane_x4.yaml",
+           "inplane_v2": "medsr train configs/inplane_v2.yaml"}
 
 
 def export_shipped(checkpoint: str | os.PathLike[str], name: str, calibration: float | dict[str, Any] |
