@@ -231,8 +231,9 @@ def test_an_image_smaller_than_the_window_is_padded_only_to_divisibility(model: 
     shapes: list[tuple[int, ...]] = []
     hook = model.net.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape[2:])))
     try:
-        small = denoise_full(model.net, x_t, cond, 500, (64, 64))
-        large = denoise_full(model.net, x_t, cond, 500, (128, 128))
+        with torch.no_grad():
+            small = denoise_full(model.net, x_t, cond, 500, (64, 64))
+            large = denoise_full(model.net, x_t, cond, 500, (128, 128))
     finally:
         hook.remove()
     assert shapes == [(40, 7 * m), (40, 7 * m)]
