@@ -178,6 +178,7 @@ class TrainConfig:
     val_every: int = 500
     val_patches: int = 16
     val_sampling_steps: int = 10
+    val_samples: int = 1  # > 1: also log the PSNR/SSIM of the mean of this many samples (what enhancement ships)
     log_every: int = 50
     resume: bool = True
     threads: int = 0  # torch CPU threads; 0 = torch default
@@ -391,7 +392,7 @@ def validate_config(cfg: Config) -> None:
           "intensity.ct_window", "two finite numbers, low < high", i.ct_window)
     _need(len(i.mr_percentiles) == 2 and 0 <= i.mr_percentiles[0] < i.mr_percentiles[1] <= 100,
           "intensity.mr_percentiles", "two percentiles 0 <= low < high <= 100", i.mr_percentiles)
-    for key in ("steps", "batch_size", "ckpt_every", "val_every", "log_every", "val_sampling_steps"):
+    for key in ("steps", "batch_size", "ckpt_every", "val_every", "log_every", "val_sampling_steps", "val_samples"):
         _need(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
     for key in ("warmup_steps", "val_patches", "threads"):
         _need(getattr(t, key) >= 0, f"train.{key}", ">= 0", getattr(t, key))

@@ -25,7 +25,7 @@ from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig
 from medsr.io.refs import resolve_ref
 from medsr.model import CHECKPOINT_FORMAT, build_unet, load_checkpoint, load_model
-from medsr.train import lr_factor, train
+from medsr.train import CSV_FIELDS, _append_csv, lr_factor, train, validate
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {"degrade", "data", "diffusion", "intensity", "train"}  # a model/training config (medsr.config)
@@ -303,6 +303,34 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path: Path) -
     assert len(ckpt["rng"]) == 2  # both ranks' generator states, so a DDP run resumes exactly
     assert not torch.equal(ckpt["rng"][0], ckpt["rng"][1])
     assert [r["step"] for r in _log(out / "log.csv")] == ["1", "2", "3"]
+
+
+def test_validation_logs_the_mean_of_several_samples_beside_the_first(finished_run, mni: list[Volume],  # noqa: ANN001
+                                                                       tmp_path: Path) -> None:
+    """``train.val_samples`` 3: the first sample's metrics are those of a one-sample validation (same draws), and
+    the mean of the three, what enhancement ships, is scored beside it: closer to the truth than one sample."""
+    net = load_model(finished_run.checkpoint).net
+    spec = parse_spec("block:4x4")
+    batches = list(torch.utils.data.DataLoader(PatchDataset(mni, spec, (32, 32), 4, seed=7), batch_size=2))
+    one = validate(net, tiny_config(tmp_path, "train.val_sampling_steps=2"), batches, torch.device("cpu"), "none")
+    three = validate(net, tiny_config(tmp_path, "train.val_sampling_steps=2", "train.val_samples=3"), batches,
+                     torch.device("cpu"), "none")
+    assert "mean_psnr" not in one and set(three) == set(one) | {"mean_psnr", "mean_ssim"}
+    for key in one:
+        assert three[key] == pytest.approx(one[key], abs=1e-4)
+    assert three["mean_psnr"] > three["sr_psnr"] + 0.1
+
+
+def test_a_log_written_before_new_columns_is_rewritten_under_the_new_header(tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    old = CSV_FIELDS[:9]
+    log.write_text(",".join(old) + "\n1,0.5,0.001,0.1,0.7,,,,\n2,0.4,0.001,0.1,0.7,27.5,0.56,27.7,0.57\n")
+    _append_csv(log, {"step": 3, "loss": 0.3, "sr_psnr": 27.6, "mean_psnr": 28.1})
+    rows = _log(log)
+    assert log.read_text().splitlines()[0] == ",".join(CSV_FIELDS)
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert (rows[1]["sr_psnr"], rows[1]["interp_ssim"], rows[1]["mean_psnr"]) == ("27.5", "0.57", "")
+    assert (rows[2]["mean_psnr"], rows[2]["sr_psnr"]) == ("28.1", "27.6")
 
 
 # --- (e) a short real training improves validation PSNR -------------------------------------------------
