@@ -125,7 +125,7 @@ SHIPPED_MODELS: dict[str, ShippedModel] = {
     "lowdose_ct": ShippedModel("lowdose_ct", "lowdose_ct.pt", "denoise", (1, 1),
                                "2D quarter-dose CT denoiser (sinogram-simulated noise), output grid = input grid",
                                ("CT",), auto=False, card="LOWDOSE_CT_CARD.md"),
-    # the in-plane teacher of issue 13: better on most held-out scans, ~1.7x the default's cost; ask by name
+    # the in-plane teacher of issue 13: better on most held-out scans, ~1.6x the default's time; ask by name
     "inplane_v2": ShippedModel("inplane_v2", "inplane_v2_x4.pt", "inplane", (4, 4),
                                "2D x4 in-plane, wider network (48-96-96), longer training; slower than the default",
                                auto=False, card="INPLANE_V2_CARD.md"),
