@@ -253,13 +253,16 @@ CSV_FIELDS = ["step", "loss", "lr", "data_wait_share", "sec_per_step",
 
 
 def truncate_log(path: Path, last_step: int) -> None:
-    """Drop the rows of log ``path`` past ``last_step`` (left by a run that stopped after its last checkpoint)."""
+    """Drop the rows of log ``path`` past ``last_step`` (left by a run that stopped after its last checkpoint), and
+    rewrite a log written before columns were added under today's header (``CSV_FIELDS``), so appends line up."""
     if not path.is_file():
         return
     with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        header = reader.fieldnames or []
     keep = [r for r in rows if int(r["step"]) <= last_step]
-    if len(keep) == len(rows):
+    if len(keep) == len(rows) and list(header) == CSV_FIELDS:
         return
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -268,17 +271,8 @@ def truncate_log(path: Path, last_step: int) -> None:
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    """One log row; the header was brought up to date by :func:`truncate_log` when the run started."""
     new = not path.exists()
-    if not new:
-        with open(path, newline="") as fh:
-            header = next(csv.reader(fh), [])
-        if header != CSV_FIELDS:  # a log written before columns were added: rewrite it under today's header
-            with open(path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-            with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
     with open(path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         if new:

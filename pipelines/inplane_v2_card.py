@@ -6,8 +6,8 @@ default model, its calibration, and what it costs.
 
 The caches are ``pipelines.calibrate_default_model``'s (the same held-out crops, samples and seeds for both
 models), so the quality table, the calibration and the default's row come from one procedure;
-``pipelines/inplane_v2/ship.sh`` runs all of it. The timing enhances the same real CT crop with both models in this
-process (one thread) on a held-out CT crop.
+``pipelines/inplane_v2/ship.sh`` runs all of it. The timing enhances the same held-out CT crop with both models in
+this process (one thread).
 """
 
 from __future__ import annotations

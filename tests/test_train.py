@@ -25,7 +25,7 @@ from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig
 from medsr.io.refs import resolve_ref
 from medsr.model import CHECKPOINT_FORMAT, build_unet, load_checkpoint, load_model
-from medsr.train import CSV_FIELDS, _append_csv, lr_factor, train, validate
+from medsr.train import CSV_FIELDS, _append_csv, lr_factor, train, truncate_log, validate
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {"degrade", "data", "diffusion", "intensity", "train"}  # a model/training config (medsr.config)
@@ -325,6 +325,7 @@ def test_a_log_written_before_new_columns_is_rewritten_under_the_new_header(tmp_
     log = tmp_path / "log.csv"
     old = CSV_FIELDS[:9]
     log.write_text(",".join(old) + "\n1,0.5,0.001,0.1,0.7,,,,\n2,0.4,0.001,0.1,0.7,27.5,0.56,27.7,0.57\n")
+    truncate_log(log, 2)  # what a resumed run does first: no row dropped, the header brought up to date
     _append_csv(log, {"step": 3, "loss": 0.3, "sr_psnr": 27.6, "mean_psnr": 28.1})
     rows = _log(log)
     assert log.read_text().splitlines()[0] == ",".join(CSV_FIELDS)
