@@ -158,6 +158,11 @@ class TrainConfig:
     constant after: the annealing that ends a long constant-rate run once validation goes flat. The rate is a
     function of the step alone, so a run split over sessions gets the same rates, and the decay can be added
     to a run already going (the ``train`` section may change between parts).
+
+    Distillation (issue 13): with ``teacher`` set, the target of every training step is the teacher network's
+    output at the same noisy input, timestep and condition instead of the analytic one, so a cheaper student can
+    learn a stronger model's map; ``init_from`` starts the student from trained weights, and ``focus_timesteps``
+    / ``focus_share`` spend part of each batch on the timesteps the default sampler visits (999 and 499).
     """
 
     out_dir: str = "runs/default"
@@ -182,6 +187,10 @@ class TrainConfig:
     log_every: int = 50
     resume: bool = True
     threads: int = 0  # torch CPU threads; 0 = torch default
+    init_from: str = ""  # a new run (no last.pt yet) starts from this checkpoint's EMA weights (same model sections)
+    teacher: str = ""  # distillation: a checkpoint whose EMA network's output is the target (same degrade/diffusion)
+    focus_timesteps: list[int] = field(default_factory=list)  # timesteps the sampler visits, drawn more often
+    focus_share: float = 0.0  # share of each batch's timesteps drawn from focus_timesteps
 
 
 @dataclass
@@ -406,6 +415,10 @@ def validate_config(cfg: Config) -> None:
     _need(_finite(t.grad_clip) and t.grad_clip > 0, "train.grad_clip", "a finite number > 0", t.grad_clip)
     _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "in [0, 1)", t.ema_decay)
     _need(t.amp in ("auto", "bf16", "fp16", "none"), "train.amp", "auto, bf16, fp16 or none", t.amp)
+    _need(all(0 <= k < f.num_train_timesteps for k in t.focus_timesteps), "train.focus_timesteps",
+          f"timesteps in 0..{f.num_train_timesteps - 1}", t.focus_timesteps)
+    _need(0.0 <= t.focus_share <= 1.0 and (t.focus_share == 0.0 or bool(t.focus_timesteps)), "train.focus_share",
+          "in [0, 1], and 0 unless train.focus_timesteps is set", t.focus_share)
 
 
 def sampling_config_from_dict(values: dict[str, Any], where: str = "sampling") -> SamplingConfig:

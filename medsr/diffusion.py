@@ -114,13 +114,31 @@ def diffusion_loss(
     cond: torch.Tensor,
     cfg: DiffusionConfig,
     generator: torch.Generator | None = None,
+    *,
+    teacher: torch.nn.Module | None = None,
+    focus_timesteps: list[int] | None = None,
+    focus_share: float = 0.0,
 ) -> torch.Tensor:
-    """SR3 training loss for a batch ``hr``, ``cond`` of shape ``(B, 1, *spatial)`` in normalised units."""
+    """SR3 training loss for a batch ``hr``, ``cond`` of shape ``(B, 1, *spatial)`` in normalised units.
+
+    With ``teacher`` the goal is the teacher's output at the same ``x_t``, ``t`` and condition (distillation):
+    its estimate of the clean target, far less noisy a goal than the one truth behind each patch. A share
+    ``focus_share`` of the timesteps is drawn from ``focus_timesteps`` (where the sampler evaluates); without
+    focus the random draws are exactly those of plain training, so old runs resume bit-for-bit.
+    """
     x0 = to_target(hr, cond, cfg)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+    if focus_timesteps and focus_share > 0:
+        pick = torch.rand(t.shape, generator=generator, device=t.device) < focus_share
+        which = torch.randint(0, len(focus_timesteps), t.shape, generator=generator, device=t.device)
+        t = torch.where(pick, torch.as_tensor(focus_timesteps, device=t.device)[which], t)
     x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-    goal = noise if cfg.prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    if teacher is not None:
+        with torch.no_grad():
+            goal = denoise(teacher, x_t, cond, t).float()
+    else:
+        goal = noise if cfg.prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
     out = denoise(net, x_t, cond, t).float()
     if cfg.loss == "l1":
         return F.l1_loss(out, goal)

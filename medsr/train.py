@@ -31,7 +31,7 @@ from medsr.degrade import parse_spec
 from medsr.diffusion import diffusion_loss, make_train_scheduler
 from medsr.errors import MedsrError
 from medsr.io.paths import atomic_path
-from medsr.model import build_unet, checkpoint_payload, load_checkpoint, load_state_strict, save_checkpoint
+from medsr.model import build_unet, checkpoint_payload, load_checkpoint, load_model, load_state_strict, save_checkpoint
 from medsr.runtime import autocast_context, dist_info, resolve_amp, resolve_device
 from medsr.sampling import make_generators, sample
 
@@ -39,6 +39,7 @@ __all__ = ["train", "TrainResult", "lr_factor", "truncate_log"]
 
 # config sections that define the model; a checkpoint whose sections differ cannot be resumed or used
 MODEL_SECTIONS = ("degrade", "model", "diffusion", "intensity")
+TEACHER_SECTIONS = ("degrade", "diffusion", "intensity")  # a distillation teacher may differ only in its network
 
 
 @dataclass
@@ -79,13 +80,34 @@ def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> Non
         e_buf.copy_(n_buf)
 
 
-def check_compatible(stored: dict[str, Any], cfg: Config, where: str) -> None:
+def check_compatible(stored: dict[str, Any], cfg: Config, where: str,
+                     sections: tuple[str, ...] = MODEL_SECTIONS) -> None:
     """Refuse a checkpoint whose model-defining config differs from ``cfg``, naming the differences."""
     current = to_dict(cfg)
-    diffs = [s for s in MODEL_SECTIONS if stored.get(s) != current.get(s)]
+    diffs = [s for s in sections if stored.get(s) != current.get(s)]
     if diffs:
         detail = "; ".join(f"{s}: checkpoint {stored.get(s)} vs config {current.get(s)}" for s in diffs)
         raise MedsrError(f"{where}: checkpoint does not match the config ({detail})")
+
+
+def _init_from(net: torch.nn.Module, ema: torch.nn.Module, cfg: Config) -> None:
+    """Start a new run from another checkpoint's EMA weights (a student from the model it replaces)."""
+    src = cfg.train.init_from
+    ckpt = load_checkpoint(src)
+    check_compatible(ckpt["config"], cfg, src)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    load_state_strict(net, state, src)
+    load_state_strict(ema, state, src)
+
+
+def _load_teacher(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The distillation teacher: any network size, but the same degradation, diffusion and intensity sections
+    (its output must mean what the student's does)."""
+    loaded = load_model(cfg.train.teacher, device)
+    check_compatible(to_dict(loaded.config), cfg, cfg.train.teacher, sections=TEACHER_SECTIONS)
+    for p in loaded.net.parameters():
+        p.requires_grad_(False)
+    return loaded.net
 
 
 @torch.no_grad()
@@ -159,6 +181,9 @@ def train(cfg: Config) -> TrainResult:
         start = int(ckpt["step"])
         # generator states are CPU byte tensors, also for CUDA generators (map_location moved them)
         gen.set_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)].cpu())
+    elif cfg.train.init_from:
+        _init_from(net, ema, cfg)
+    teacher = _load_teacher(cfg, device) if cfg.train.teacher else None
     model: torch.nn.Module = DistributedDataParallel(net) if distributed else net
     scheduler = make_train_scheduler(cfg.diffusion)
 
@@ -214,7 +239,8 @@ def train(cfg: Config) -> TrainResult:
         for group in opt.param_groups:
             group["lr"] = cfg.train.lr * lr_factor(step, cfg.train)
         with autocast_context(device, amp):
-            loss = diffusion_loss(model, scheduler, hr, cond, cfg.diffusion, gen)
+            loss = diffusion_loss(model, scheduler, hr, cond, cfg.diffusion, gen, teacher=teacher,
+                                  focus_timesteps=cfg.train.focus_timesteps, focus_share=cfg.train.focus_share)
         if not math.isfinite(loss.item()):
             raise MedsrError(f"training diverged at step {step} (loss {loss.item()}); lower train.lr")
         opt.zero_grad(set_to_none=True)
