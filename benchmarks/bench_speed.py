@@ -150,8 +150,9 @@ def section_batching(model: LoadedModel, deg: Degraded, opts: SamplingConfig) ->
 
 
 def section_table(model: LoadedModel, scans: list[tuple[str, Degraded]], opts: SamplingConfig,
-                  steps_list: list[int], shared_list: list[int]) -> None:
-    """Rows "new sf": the first DDIM step made once per slice and shared by its samples."""
+                  steps_list: list[int], shared_list: list[int], v01_model: LoadedModel | None = None) -> None:
+    """Rows "new sf": the first DDIM step made once per slice and shared by its samples. ``v01_model``: the weights
+    the v0.1 row runs (v0.1's own, where the shipped default has been retrained since); default ``model``."""
     print(f"(3) {opts.samples} samples; PSNR/SSIM of the posterior mean vs the truth (data range 2)", flush=True)
     print(f"{'scan':<24} {'path':<13} {'steps':>5} {'wall s':>8} {'cpu s':>8} {'x wall':>7} {'x cpu':>7} {'PSNR':>7} "
           f"{'SSIM':>7}", flush=True)
@@ -163,7 +164,7 @@ def section_table(model: LoadedModel, scans: list[tuple[str, Degraded]], opts: S
         p, s = quality(interp, deg)
         print(f"{name:<24} {'bicubic':<13} {dash:>5} {dash:>8} {dash:>8} {dash:>7} {dash:>7} {p:7.2f} {s:7.4f}",
               flush=True)
-        base, base_mean = run(deg, model, replace(opts, steps=10), True)
+        base, base_mean = run(deg, v01_model or model, replace(opts, steps=10), True)
         p, s = quality(base_mean, deg)
         print(f"{name:<24} {'v0.1':<13} {10:>5} {base.wall:8.2f} {base.cpu:8.2f} {1.0:6.2f}x {1.0:6.2f}x {p:7.2f} "
               f"{s:7.4f}", flush=True)
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny random model, small images (smoke test)")
     ap.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    ap.add_argument("--v01-model", type=Path, default=None,
+                    help="weights of the v0.1 row (default: --model); v0.1's: pipelines/default_model/v01_step6000.pt")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--samples", type=int, default=8)
@@ -212,7 +215,10 @@ def main(argv: list[str] | None = None) -> None:
                  for ref in (README_SCAN, args.held_out)]
         section_pass(model, pass_size, opts)
         section_batching(model, scans[0][1], replace(opts, steps=2))
-        section_table(model, scans, opts, steps_list, shared_list)
+        v01_model = load_model(args.v01_model, device) if args.v01_model else None
+        if v01_model:
+            print(f"v0.1 row: weights {args.v01_model}", flush=True)
+        section_table(model, scans, opts, steps_list, shared_list, v01_model)
 
 
 if __name__ == "__main__":

@@ -296,7 +296,7 @@ def test_bad_augment_settings_raise(mni: list[Volume], cfg: AugmentConfig, patch
 def test_augment_section_in_configs() -> None:
     """v0.1 configs (no augment section) load with augmentation off; the v2 config turns it on."""
     root = Path(__file__).resolve().parents[1]
-    old = load_config(root / "configs" / "default_model.yaml")
+    old = load_config(root / "configs" / "default_model_v01.yaml")
     assert old.data.augment == AugmentConfig()
     v2 = load_config(root / "configs" / "inplane_v2.yaml", ["data.augment.noise_std=0.01"])
     assert v2.data.augment.flip_prob > 0 and v2.data.augment.curve_prob > 0
