@@ -91,11 +91,12 @@ def check_compatible(stored: dict[str, Any], cfg: Config, where: str,
 
 
 def _init_from(net: torch.nn.Module, ema: torch.nn.Module, cfg: Config) -> None:
-    """Start a new run from another checkpoint's EMA weights (a student from the model it replaces)."""
+    """Start a new run from another checkpoint's EMA weights (a student from the model it replaces); read with
+    :func:`load_model`, so the same checks (config, damaged weights, float32) as any model a user loads."""
     src = cfg.train.init_from
-    ckpt = load_checkpoint(src)
-    check_compatible(ckpt["config"], cfg, src)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    loaded = load_model(src)
+    check_compatible(to_dict(loaded.config), cfg, src)
+    state = loaded.net.state_dict()
     load_state_strict(net, state, src)
     load_state_strict(ema, state, src)
 

@@ -17,7 +17,7 @@ from medsr.degrade import parse_spec, upsample
 from medsr.diffusion import diffusion_loss, make_train_scheduler
 from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig, fit_normaliser
-from medsr.model import build_unet, load_checkpoint, load_model, load_state_strict, write_untrained_checkpoint
+from medsr.model import build_unet, load_checkpoint, load_model, write_untrained_checkpoint
 from medsr.sampling import make_generators, sample
 from medsr.train import train
 
@@ -92,13 +92,6 @@ def _teacher(tmp_path: Path, *extra: str) -> Path:
     return write_untrained_checkpoint(tmp_path / "teacher.pt", cfg, seed=7, out_std=0.05)
 
 
-def _loaded(path: Path, key: str = "ema") -> torch.nn.Module:
-    net = build_unet(ModelConfig(**{**TINY_NET.__dict__, "channels": tuple(load_checkpoint(path)["config"]["model"]
-                                                                            ["channels"])}))
-    load_state_strict(net, {k: v.float() for k, v in load_checkpoint(path)[key].items()}, str(path))
-    return net.eval()
-
-
 def test_a_student_learns_its_teacher_from_the_weights_it_starts_from(
         tmp_path: Path, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     init = write_untrained_checkpoint(tmp_path / "init.pt", tiny_config(tmp_path / "unused"), seed=3, out_std=0.05)
@@ -116,9 +109,9 @@ def test_a_student_learns_its_teacher_from_the_weights_it_starts_from(
     assert late < 0.7 * early, run.losses[::10]
     # and on patches it never saw, the student it wrote is closer to the teacher than where it started
     hr, cond = batch
-    sch, teach = make_train_scheduler(CFG), _loaded(teacher)
+    sch, teach = make_train_scheduler(CFG), load_model(teacher).net
     with torch.no_grad():
-        before, after = (diffusion_loss(_loaded(p), sch, hr, cond, CFG, torch.Generator().manual_seed(5),
+        before, after = (diffusion_loss(load_model(p).net, sch, hr, cond, CFG, torch.Generator().manual_seed(5),
                                         teacher=teach).item() for p in (init, run.checkpoint))
     print(f"held-aside gap to the teacher {before:.4f} -> {after:.4f}")
     assert after < 0.7 * before
