@@ -86,7 +86,8 @@ def timed_enhance(scan: Scan, model: LoadedModel, opts: SamplingConfig, v01: boo
         sampling.ddim_step = _v01_step(model.config.diffusion.num_train_timesteps // opts.steps)
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        result = enhance_scan(scan, model, replace(opts, overlap=V01_OVERLAP) if v01 else opts)
+        v01_opts = replace(opts, overlap=V01_OVERLAP, share_first_step=False, self_ensemble=1)  # v0.1 had neither
+        result = enhance_scan(scan, model, v01_opts if v01 else opts)
         return Timing(time.perf_counter() - t0, time.process_time() - c0), result
     finally:
         configure_inference(model.net, fast=True)

@@ -94,6 +94,8 @@ def enhance(
     fmt: str | None = typer.Option(None, "--format", help="nifti, dicom or both (default: both for DICOM input)"),
     projection: bool = typer.Option(_SAMPLING.project, help="data-consistency projection at every step"),
     overlap: float = typer.Option(_SAMPLING.overlap, help="sliding-window overlap, in [0, 1)"),
+    self_ensemble: int = typer.Option(_SAMPLING.self_ensemble, help="2D models: spread the samples over up to this "
+                                      "many flips/transposes of the input (1, 2, 4 or 8; 1: off)"),
     series_uid: str | None = typer.Option(None, help="series to use in a folder holding several"),
     volume_index: int | None = typer.Option(None, help="volume of a 4D NIfTI to enhance (0-based)"),
     adapt: int = typer.Option(0, help="through-plane jobs: first fine-tune the model for STEPS steps on the scan's "
@@ -113,7 +115,8 @@ def enhance(
         if fmt not in (None, "nifti", "dicom", "both"):
             raise MedsrError(f"--format must be nifti, dicom or both, got {fmt!r}")
         options = SamplingConfig(samples=samples, steps=steps, sampler=sampler, seed=seed, device=device, amp=amp,
-                                 project=projection, overlap=overlap, keep_samples=save_samples)
+                                 project=projection, overlap=overlap, keep_samples=save_samples,
+                                 self_ensemble=self_ensemble)
         picker = ModelPicker(model, device)
         picker.check()  # a bad --model (or a shipped model missing from the install) fails before any scan is read
         sources = [resolve_ref(str(p)) for p in inputs]

@@ -235,6 +235,12 @@ class SamplingConfig:
             shared by its samples (:func:`medsr.sampling.sample`, ``first``): ``1 + samples x (steps - 1)``
             network passes instead of ``samples x steps``. (At 1 step it would make every sample the same, so
             there each sample makes its own.)
+        self_ensemble: 2D models: the samples are spread over up to this many flips/transposes ("turns") of the
+            input plane (1, 2, 4 or 8; sample i on turn i mod n, turned back before the statistics), as many as the
+            model's degradation is symmetric under (:func:`medsr.sampling.ensemble_turns`). A geometric
+            self-ensemble (as in EDSR) at no extra cost (the shared first step is made once and turned): the network's
+            orientation bias averages out of the mean (model card: +0.72 dB on bad_sequence, +0.21 on MR_small,
+            within ±0.04 dB elsewhere). 1: every sample on the input as given.
     """
 
     samples: int = 8
@@ -250,6 +256,7 @@ class SamplingConfig:
     keep_samples: bool = False
     slice_axis: int | None = None
     share_first_step: bool = True
+    self_ensemble: int = 8
 
     @property
     def shares_first_step(self) -> bool:
@@ -282,6 +289,8 @@ class SamplingConfig:
             (isinstance(self.batch_size, int) and self.batch_size >= 1,
              f"batch_size must be an integer >= 1, got {self.batch_size!r}"),
             (self.slice_axis in (None, 0, 1, 2), f"slice_axis must be 0, 1 or 2, got {self.slice_axis!r}"),
+            (self.self_ensemble in (1, 2, 4, 8) and not isinstance(self.self_ensemble, bool),
+             f"self_ensemble must be 1, 2, 4 or 8, got {self.self_ensemble!r}"),
             (self.window is None or all(isinstance(w, int) and w >= 2 for w in self.window),
              f"window must be integers >= 2, got {self.window!r}"),
         ]

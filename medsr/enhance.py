@@ -25,7 +25,7 @@ from medsr.io.scan import Scan, refined_affine
 from medsr.model import LoadedModel
 from medsr.noise_floor import fine_noise_sigma
 from medsr.runtime import resolve_amp, resolve_device
-from medsr.sampling import sample
+from medsr.sampling import ensemble_turns, sample, turn, unturn
 from medsr.uncertainty import RunningStats, ScanScore, interval, uncertainty_score
 
 __all__ = ["SamplingConfig", "EnhanceOptions", "EnhanceResult", "enhance_scan", "choose_slice_axis", "volume_factors"]
@@ -100,6 +100,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
     if axis is not None and axis not in (0, 1, 2):
         raise MedsrError(f"slice_axis must be 0, 1 or 2, got {opt.slice_axis}")
     factors = volume_factors(spec, axis)
+    turns_used = ensemble_turns(spec, opt.self_ensemble, opt.samples)  # a geometric self-ensemble (SamplingConfig)
     norm = fit_normaliser(scan.array, scan.modality, cfg.intensity)
     cal, cal_key = model.calibration.for_modality(scan.modality)
     low = torch.from_numpy(norm.normalise(scan.array[0]))
@@ -127,7 +128,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         stats = RunningStats()
         samples: list[torch.Tensor] = []
         first = None
-        if opt.shares_first_step:  # one first-step pass per slice, from its own noise
+        if opt.shares_first_step:  # one first-step pass per slice, from its own noise, turned for each of its turns
             first = sample(model.net, cfg.diffusion, cond,
                            [torch.Generator(device=device).manual_seed(_seed(opt.seed, FIRST_STEP_STREAM, j))
                             for j in range(start, stop)], steps=opt.steps, lowres=y, spec=spec, project=opt.project,
@@ -138,26 +139,32 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
                 progress(done, total_work)
         group = max(1, opt.batch_size // (stop - start))
         for s0 in range(0, opt.samples, group):
-            s1 = min(opt.samples, s0 + group)
-            reps = s1 - s0
-            gens = [torch.Generator(device=device).manual_seed(_seed(opt.seed, i, j))
-                    for i in range(s0, s1) for j in range(start, stop)]
+            by_shape: dict[tuple[int, ...], list[int]] = {}  # samples whose turned plane has one shape batch together
+            for i in range(s0, min(opt.samples, s0 + group)):
+                by_shape.setdefault(tuple(turn(cond, turns_used[i % len(turns_used)]).shape), []).append(i)
+            drawn: dict[int, torch.Tensor] = {}
+            for ids in by_shape.values():
+                turns = [turns_used[i % len(turns_used)] for i in ids]
+                gens = [torch.Generator(device=device).manual_seed(_seed(opt.seed, i, j))
+                        for i in ids for j in range(start, stop)]
 
-            def step_done(i: int, n: int, reps: int = reps, start: int = start, stop: int = stop,
-                          shared: bool = first is not None) -> None:
-                nonlocal done
-                if shared and i == 1:  # the shared first step: no pass here, it was counted when made
-                    return
-                done += reps * (stop - start)
-                if progress is not None:
-                    progress(done, total_work)
+                def step_done(i: int, n: int, reps: int = len(ids), start: int = start, stop: int = stop,
+                              shared: bool = first is not None) -> None:
+                    nonlocal done
+                    if shared and i == 1:  # the shared first step: no pass here, it was counted when made
+                        return
+                    done += reps * (stop - start)
+                    if progress is not None:
+                        progress(done, total_work)
 
-            x = sample(model.net, cfg.diffusion, cond.repeat(reps, *[1] * (cond.ndim - 1)), gens,
-                       sampler=opt.sampler, steps=opt.steps, lowres=y.repeat(reps, *[1] * (y.ndim - 1)), spec=spec,
-                       project=opt.project, roi_size=window, overlap=opt.overlap, sw_batch_size=opt.batch_size,
-                       amp=amp, on_step=step_done,
-                       first=None if first is None else first.repeat(reps, *[1] * (first.ndim - 1)))
-            x = x.reshape(reps, stop - start, *x.shape[1:])[:, :, 0].float().cpu()
+                x = sample(model.net, cfg.diffusion, torch.cat([turn(cond, o) for o in turns]), gens,
+                           sampler=opt.sampler, steps=opt.steps, lowres=torch.cat([turn(y, o) for o in turns]),
+                           spec=spec, project=opt.project, roi_size=window, overlap=opt.overlap,
+                           sw_batch_size=opt.batch_size, amp=amp, on_step=step_done,
+                           first=None if first is None else torch.cat([turn(first, o) for o in turns]))
+                x = x.reshape(len(ids), stop - start, *x.shape[1:])
+                drawn.update({i: unturn(x[n], o) for n, (i, o) in enumerate(zip(ids, turns))})
+            x = torch.stack([drawn[i] for i in sorted(drawn)])[:, :, 0].float().cpu()
             if not bool(torch.isfinite(x).all()):  # never write an all-NaN "result" (damaged weights, overflow)
                 raise MedsrError(f"{scan.source}: the model {model.path} produced NaN/Inf values; its weights may "
                                  "be damaged (no output written)")
@@ -195,7 +202,8 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         kept_np = np.stack([norm.denormalise(to_volume(kept[i])) for i in range(kept.shape[0])])
     timings = {"prepare_s": t1 - t0, "sampling_s": t2 - t1, "total_s": time.perf_counter() - t0}
     info = {"slice_axis": axis, "window": list(window), "device": str(device), "amp": amp,
-            "normaliser": norm.to_dict(), "calibration": cal.to_report(cal_key, opt)}
+            "self_ensemble": len(turns_used), "normaliser": norm.to_dict(),
+            "calibration": cal.to_report(cal_key, opt, len(turns_used))}
     return EnhanceResult(mean_s, std_s, q05_s, q95_s, score, consistency, factors, method, timings, kept_np, info)
 
 

@@ -180,7 +180,8 @@ def enhance_through_plane(scan: Scan, model: LoadedModel, options: SamplingConfi
                               "data_consistency": r.consistency}
                              for k, (sa, n, r) in enumerate(zip(slice_axes, counts, results))],
             "samples_total": n_total, "window": first["window"], "device": first["device"], "amp": first["amp"],
-            "normaliser": norm.to_dict(), "calibration": cal.to_report(cal_key, opt)}
+            "self_ensemble": first["self_ensemble"], "normaliser": norm.to_dict(),
+            "calibration": cal.to_report(cal_key, opt, first["self_ensemble"])}
     return EnhanceResult(out(mean), out(std), out(q05), out(q95), score, consistency,
                          (factors[0], factors[1], factors[2]), method, timings, kept, info)
 

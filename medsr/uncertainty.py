@@ -312,33 +312,40 @@ class Calibration:
         """What the raw sample std is multiplied by in the std output."""
         return self.scale / NORMAL_Z if self.basis in ("std", "std_noise") else self.scale
 
-    def mismatch(self, samples: int, steps: int, sampler: str = "ddim", shared_first_step: bool = False) -> str:
+    def mismatch(self, samples: int, steps: int, sampler: str = "ddim", shared_first_step: bool = False,
+                 turns: int = 1) -> str:
         """Why λ does not apply to a run with these sampling settings ("" when it does, or nothing is recorded).
 
-        λ is fitted at one number of samples and DDIM steps, with or without a shared first step (stored in
-        ``details``): the spread, and so the coverage of ``mean ± λ·spread``, changes with each, so another
-        setting has no measured coverage.
+        λ is fitted at one number of samples and DDIM steps, with or without a shared first step, over one
+        number of turns of the input (``self_ensemble``; a calibration that does not record it was fitted on the
+        input as given), all stored in ``details``: the spread, and so the coverage of ``mean ± λ·spread``,
+        changes with each, so another setting has no measured coverage.
         """
         fitted = {k: int(self.details[k]) for k in ("samples", "steps", "shared_first_step")
                   if math.isfinite(self.details.get(k, math.inf))}
         if not fitted:
             return ""
+        fitted["self_ensemble"] = int(self.details.get("self_ensemble", 1))
         used = {"samples": int(samples), "steps": int(steps) if sampler == "ddim" else -1,
-                "shared_first_step": int(bool(shared_first_step) and sampler == "ddim")}
+                "shared_first_step": int(bool(shared_first_step) and sampler == "ddim"),
+                "self_ensemble": int(turns)}
         if all(used[k] == v for k, v in fitted.items()):
             return ""
 
-        def said(n: int, k: int, shared: int) -> str:
-            return f"{n} samples x " + (f"{k} DDIM steps" if k > 0 else "DDPM") + (", first step shared" * shared)
+        def said(n: int, k: int, shared: int, turns: int) -> str:
+            return (f"{n} samples x " + (f"{k} DDIM steps" if k > 0 else "DDPM") + (", first step shared" * shared)
+                    + (f", self-ensemble of {turns} turns" if turns > 1 else ""))
 
-        at = said(fitted.get("samples", 0), fitted.get("steps", 0), fitted.get("shared_first_step", 0))
+        at = said(fitted.get("samples", 0), fitted.get("steps", 0), fitted.get("shared_first_step", 0),
+                  fitted["self_ensemble"])
         return f"calibrated at {at}; this run used {said(*used.values())}, where its coverage was not measured"
 
-    def to_report(self, key: str, opt: SamplingConfig) -> dict[str, Any]:
-        """What report.json says about the interval of one run (``opt``: its SamplingConfig): which
+    def to_report(self, key: str, opt: SamplingConfig, turns: int = 1) -> dict[str, Any]:
+        """What report.json says about the interval of one run (``opt``: its SamplingConfig; ``turns``: how
+        many turns of the input it spread its samples over, :func:`medsr.sampling.ensemble_turns`): which
         calibration, and whether it applies."""
         return {"applied": key or "none", **self.to_dict(),
-                "mismatch": self.mismatch(opt.samples, opt.steps, opt.sampler, opt.shares_first_step)}
+                "mismatch": self.mismatch(opt.samples, opt.steps, opt.sampler, opt.shares_first_step, turns)}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (a bound that does not exist, inf, is stored as None)."""

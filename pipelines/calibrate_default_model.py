@@ -32,6 +32,7 @@ from medsr.io.refs import load_ref
 from medsr.io.scan import Scan
 from medsr.model import LoadedModel, load_model
 from medsr.noise_floor import fine_noise_sigma
+from medsr.sampling import ensemble_turns
 from medsr.uncertainty import (
     BASES,
     Calibration,
@@ -91,15 +92,21 @@ def weights_id(model: LoadedModel) -> str:
     return h.hexdigest()[:8]
 
 
-def sampler_tag(share_first_step: bool) -> str:
+def sampler_tag(share_first_step: bool, turns: int = 1) -> str:
     """The sampler part of a cache key: "tt" DDIM on the trailing timesteps (medsr.diffusion.ddim_timesteps;
-    older caches differ), "sf" the same with the first step shared by an image's samples."""
-    return "sf" if share_first_step else "tt"
+    older caches differ), "sf" the same with the first step shared by an image's samples; "-e<n>" when the
+    samples were spread over n turns of the input (self-ensemble) (:func:`medsr.sampling.ensemble_turns`)."""
+    return ("sf" if share_first_step else "tt") + (f"-e{turns}" if turns > 1 else "")
 
 
-def cache_glob(samples: int, steps: int, share_first_step: bool = False) -> str:
+def cache_glob(samples: int, steps: int, share_first_step: bool = False, turns: int = 1) -> str:
     """The cache files of :func:`enhance_cached` made with ``samples`` x ``steps`` on the current sampler."""
-    return f"*-s{samples}-k{steps}-c*-{sampler_tag(share_first_step)}*.npz"
+    return f"*-s{samples}-k{steps}-c*-{sampler_tag(share_first_step, turns)}.npz"
+
+
+def ensemble_size(model: LoadedModel, opt: EnhanceOptions) -> int:
+    """How many turns of the input ``opt`` spreads this model's samples over."""
+    return len(ensemble_turns(model.degradation, opt.self_ensemble, opt.samples))
 
 
 def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache: Path) -> dict[str, np.ndarray]:
@@ -113,7 +120,7 @@ def enhance_cached(item: HeldOut, model: LoadedModel, opt: EnhanceOptions, cache
     """
     whole_slice = model.degradation.kind == "lowdose"
     key = (f"{item.name}-{weights_id(model)}-s{opt.samples}-k{opt.steps}-c{item.crop}-"
-           f"{sampler_tag(opt.shares_first_step)}{'-ld' if whole_slice else ''}")
+           f"{sampler_tag(opt.shares_first_step, ensemble_size(model, opt))}{'-ld' if whole_slice else ''}")
     path = cache / f"{key}.npz"
     if path.is_file():
         with np.load(path) as z:
@@ -192,7 +199,8 @@ def scan_stats(name: str, modality: str, data: dict[str, np.ndarray], threshold:
     noise = fine_noise_sigma(low, spec).numpy().reshape(1, 1, -1) if spec.white_noise_gain else np.zeros((1, 1, 1))
     return ScanStats(name, modality, truth, mean.numpy(), std.numpy(), lo.numpy(), hi.numpy(), truth > threshold,
                      float(np.mean(data["range"])) / 2.0, int(x.shape[0]), noise,
-                     {"steps": float(opt.steps), "shared_first_step": float(opt.shares_first_step)})
+                     {"steps": float(opt.steps), "shared_first_step": float(opt.shares_first_step),
+                      "self_ensemble": float(len(ensemble_turns(spec, opt.self_ensemble, int(x.shape[0]))))})
 
 
 def measure(s: ScanStats, cal: Calibration) -> dict[str, Any]:
@@ -325,11 +333,13 @@ def main() -> None:
     parser.add_argument("--share-first-step", action=argparse.BooleanOptionalAction,
                         default=EnhanceOptions().share_first_step,
                         help="one first DDIM step per image, shared by its samples")
+    parser.add_argument("--self-ensemble", type=int, default=EnhanceOptions().self_ensemble,
+                        help="spread the samples over up to this many flips/transposes of the input (1: off)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model)
     opt = EnhanceOptions(samples=args.samples, steps=args.steps, seed=0, device="cpu",
-                         share_first_step=args.share_first_step)
+                         share_first_step=args.share_first_step, self_ensemble=args.self_ensemble)
     data: dict[str, dict[str, Any]] = {}
     for item in HELD_OUT:
         item = replace(item, crop=args.crop) if args.crop else item

@@ -20,6 +20,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from medsr.config import SamplingConfig
 from medsr.degrade import parse_spec, upsample
+from medsr.sampling import ensemble_turns
 from pipelines.calibrate_default_model import cache_glob
 
 SPEC = parse_spec("block:4x4")
@@ -32,11 +33,14 @@ def _metrics(pred: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
 
 
 def table(cache: Path, samples: int = SamplingConfig().samples, steps: int = SamplingConfig().steps,
-          share_first_step: bool = SamplingConfig().share_first_step) -> list[dict[str, float | str]]:
-    """One row per cached scan enhanced with ``samples`` x ``steps`` (the cache may hold other settings too)."""
+          share_first_step: bool = SamplingConfig().share_first_step,
+          self_ensemble: int = SamplingConfig().self_ensemble) -> list[dict[str, float | str]]:
+    """One row per cached scan enhanced with ``samples`` x ``steps`` over up to ``self_ensemble`` turns of the input
+    (the cache may hold other settings too)."""
     rows: list[dict[str, float | str]] = []
     shared = SamplingConfig(samples=samples, steps=steps, share_first_step=share_first_step).shares_first_step
-    for path in sorted(cache.glob(cache_glob(samples, steps, shared))):
+    turns = len(ensemble_turns(SPEC, self_ensemble, samples))
+    for path in sorted(cache.glob(cache_glob(samples, steps, shared, turns))):
         data = np.load(path)
         truth = torch.from_numpy(data["truth"]).float().permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
         mean = torch.from_numpy(data["samples"].mean(0)).float().permute(2, 0, 1)[:, None]
@@ -56,8 +60,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=SamplingConfig().steps)
     parser.add_argument("--share-first-step", action=argparse.BooleanOptionalAction,
                         default=SamplingConfig().share_first_step)
+    parser.add_argument("--self-ensemble", type=int, default=SamplingConfig().self_ensemble)
     args = parser.parse_args()
-    rows = table(args.cache, args.samples, args.steps, args.share_first_step)
+    rows = table(args.cache, args.samples, args.steps, args.share_first_step, args.self_ensemble)
     print("| scan | slices | PSNR bicubic | PSNR one sample | PSNR mean | gain | SSIM bicubic | SSIM mean | gain |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -106,7 +106,8 @@ def card_text(v2: list[dict[str, Any]], default: list[dict[str, Any]], study: di
                   f"One 64² → 256² CT crop at the sampling defaults, one thread, this machine: default "
                   f"{seconds['default']:.1f} s, inplane_v2 {seconds['inplane_v2']:.1f} s (**{ratio:.2f}x**).", ""]
     opt = SamplingConfig()
-    lines.append(f"Settings: {opt.samples} samples x {opt.steps} DDIM steps (first step shared), seed 0, CPU.")
+    lines.append(f"Settings: {opt.samples} samples x {opt.steps} DDIM steps (first step shared, self-ensemble of "
+                 f"{opt.self_ensemble} turns), seed 0, CPU.")
     return "\n".join(lines) + "\n"
 
 

@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsr.degrade import parse_spec
 from medsr.enhance import EnhanceOptions
 from medsr.evaluate import evaluate_scans, format_table, write_evaluation
 from medsr.io.paths import atomic_path
 from medsr.io.refs import load_ref
 from medsr.io.scan import Scan
 from medsr.model import load_model
+from medsr.sampling import ensemble_turns
 
 # held-out reporting scans of shared/DATA.md (never training); the calibration split is separate, by scan
 HELD_OUT = ["pydicom:CT_small.dcm", "pydicom:MR_small.dcm", "nibabel:anatomical.nii"]
@@ -105,15 +107,19 @@ def run_study(args: argparse.Namespace, model: Any, result: dict[str, Any]) -> N
         counts = [int(k) for k in args.step_counts.split(",") if k]
         shared_counts = [int(k) for k in args.shared_step_counts.split(",") if k]
         default = EnhanceOptions()
-        settings = [("ddim", k, 8, False) for k in counts] + [("ddim", k, 8, True) for k in shared_counts]
-        settings += [("ddpm", 1000, args.ddpm_samples, False)] if args.ddpm_samples else []
-        settings += [("ddim", args.steps, n, default.share_first_step) for n in (1, 2, 4, 16)]
-        for sampler, steps, samples, shared in settings:
+        turns = default.self_ensemble
+        settings = [("ddim", k, 8, False, turns) for k in counts] + [("ddim", k, 8, True, turns) for k in shared_counts]
+        settings += [("ddpm", 1000, args.ddpm_samples, False, 1)] if args.ddpm_samples else []
+        settings += [("ddim", args.steps, n, default.share_first_step, turns) for n in (1, 2, 4, 16)]
+        settings += [("ddim", args.steps, 8, default.share_first_step, 1)]  # the default without the self-ensemble
+        for sampler, steps, samples, shared, ensemble in settings:
             t = time.perf_counter()
             opt = EnhanceOptions(samples=samples, steps=steps, sampler=sampler, seed=0, keep_samples=True,
-                                 share_first_step=shared)
+                                 share_first_step=shared, self_ensemble=ensemble)
             e = evaluate_scans(scans, model, model.config.degrade, opt)
-            row = {"sampler": sampler + (", first step shared" if opt.shares_first_step else ""), "steps": steps,
+            used = len(ensemble_turns(parse_spec(model.config.degrade), ensemble, samples))
+            row = {"sampler": sampler + (", first step shared" if opt.shares_first_step else "")
+                   + (f", self-ensemble {used}" if used > 1 else ""), "steps": steps,
                    "samples": samples, "seconds": time.perf_counter() - t, **summarise(e)}
             rows.append(row)
             print(json.dumps(row))

@@ -207,7 +207,8 @@ def write_card(path: Path, result: dict[str, Any]) -> None:
         "pydicom 693_UNCR CT slice; config `configs/throughplane_x4.yaml`",
         "- calibration (per modality; `python -m pipelines.calibrate_default_model` at the settings in "
         f"`pipelines/throughplane_x4/ship.sh`, the sampling defaults ({DEFAULTS.samples} samples x {DEFAULTS.steps} "
-        f"steps{', first step shared' if DEFAULTS.shares_first_step else ''}) on 64² crops, on the DATA.md "
+        f"steps{', first step shared' if DEFAULTS.shares_first_step else ''}, each plane family's samples spread "
+        "over the 4 flips of its planes) on 64² crops, on the DATA.md "
         "calibration split, "
         "each scan made thick along one image axis): "
         f"{result['model']['calibration']}",
@@ -215,7 +216,8 @@ def write_card(path: Path, result: dict[str, Any]) -> None:
         "## Quality on held-out scans made thick (target: >= +2 dB over cubic on every held-out volume)",
         "",
         f"Settings (CPU, one thread, shared machine): {s['samples']} samples x {s['steps']} DDIM steps "
-        f"({'first step shared per orientation' if DEFAULTS.share_first_step and s['steps'] > 1 else 'no sharing'}), "
+        f"({'first step shared per orientation' if DEFAULTS.share_first_step and s['steps'] > 1 else 'no sharing'}; "
+        f"{'samples spread over the 4 flips of the planes' if DEFAULTS.self_ensemble > 1 else 'no self-ensemble'}), "
         f"`--adapt {s['adapt']}` (lr 1e-4, batch 8), MR volumes centre-cropped to at most {s['crop']} voxels per axis "
         "where marked, CT slices to 128 x 128. PSNR/SSIM in normalised units (the truth's normaliser, data range 2), "
         "whole volume; cubic = cubic interpolation along the thick axis, fine slices centred in each thick slice "

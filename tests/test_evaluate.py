@@ -177,7 +177,7 @@ def test_calibration_round_trips_through_the_checkpoint_and_reaches_report_json(
     """A stored per-modality λ is what enhance applies (mean ± λ·std) and what report.json states."""
     ckpt = load_checkpoint(model_path)
     cal = ModelCalibration({"CT": Calibration(4.0, "std", n=2, scans=("bad_sequence", "eCT_Supplemental"),
-                                              details={"samples": 3.0, "steps": 1.0}),
+                                              details={"samples": 3.0, "steps": 1.0, "self_ensemble": 3.0}),
                             "MR": Calibration(2.0, "std", n=2, scans=("MR2_UNCR", "inia19"))})
     path = save_checkpoint(tmp_path / "cal.pt", {**ckpt, "calibration": cal.to_checkpoint()})
     model = load_model(path)
@@ -219,8 +219,9 @@ def test_a_run_at_other_sampling_settings_than_the_calibration_says_so(model_pat
     opt = EnhanceOptions(samples=2, steps=1, device="cpu")
     result = enhance_scan(scan, model, opt)
     rep = build_report(scan, result, model, opt)
-    assert rep["calibration"]["mismatch"] == cal.mismatch(2, 1) != ""
-    assert cal.mismatch(2, 1) in _review_title(result, opt)
+    said = cal.mismatch(2, 1, turns=2)  # 2 samples: on 2 turns of the input (the default self-ensemble)
+    assert rep["calibration"]["mismatch"] == said != "" and "self-ensemble of 2 turns" in said
+    assert said in _review_title(result, opt)
 
 
 def test_v01_checkpoint_with_a_float_calibration_still_loads_and_runs(model_path: Path, tmp_path: Path) -> None:

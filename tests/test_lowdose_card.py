@@ -76,7 +76,7 @@ def test_held_out_low_dose_input_is_simulated_on_the_whole_slice_then_cropped(tm
     opt = EnhanceOptions(samples=2, steps=2, seed=0, device="cpu")
     data = calib.enhance_cached(item, model, opt, tmp_path / "cache")
     files = list((tmp_path / "cache").iterdir())
-    assert len(files) == 1 and files[0].name.endswith("-c64-sf-ld.npz")
+    assert len(files) == 1 and files[0].name.endswith("-c64-sf-e2-ld.npz")  # 2 samples on 2 turns of the input
     assert data["truth"].shape == data["low"].shape == (64, 64, 1) and data["samples"].shape == (2, 64, 64, 1)
     whole = degrade_scan(ct_small(), model.config.degrade, model.config.intensity, slice_axis=2, seed=0)
     noise = (whole.low_norm - whole.truth_norm)[32:96, 32:96]

@@ -109,6 +109,7 @@ def test_report_json(nifti_run: tuple[Result, Path], ckpt: Path, nifti_src: Path
     s = rep["sampling"]
     assert (s["steps"], s["samples"], s["seed"], s["sampler"]) == (2, 3, 5, "ddim")
     assert s["data_consistency_projection"] is True and s["slice_axis"] == 2 and s["window"] == [16, 16]
+    assert s["self_ensemble"] == 3  # 3 samples on 3 turns of each slice (the default ensemble, at most 8)
     assert rep["input"] == {"source": str(nifti_src.resolve()), "format": "NIfTI", "modality": "",
                             "shape": [33, 41, 3], "spacing_mm": [2.0, 2.0, 2.0]}
     assert rep["output"] == {"shape": [66, 82, 3], "spacing_mm": [1.0, 1.0, 2.0], "scale": [2, 2, 1]}
@@ -290,3 +291,9 @@ def test_bad_format_is_refused(ckpt: Path, tmp_path: Path) -> None:
     res = enhance(DICOM_REF, "--model", str(ckpt), "--out", str(tmp_path), "--format", "png", *FAST)
     assert res.exit_code == 2 and "--format must be nifti, dicom or both" in res.stderr
 
+
+
+def test_a_bad_self_ensemble_is_refused_before_any_scan_is_read(ckpt: Path, tmp_path: Path) -> None:
+    res = enhance(DICOM_REF, "--model", str(ckpt), "--out", str(tmp_path), "--self-ensemble", "3", *FAST)
+    assert res.exit_code == 2 and "self_ensemble must be 1, 2, 4 or 8, got 3" in res.stderr
+    assert not any(tmp_path.iterdir())
