@@ -59,3 +59,18 @@ def fine_centres(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """World position (mm) of every voxel centre, ``(X, Y, Z, 3)``."""
     idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float64)
     return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+def count_passes(monkeypatch) -> list[int]:  # noqa: ANN001
+    """Record the batch size of every full-image denoiser pass of ``medsr.sampling`` (one entry per call)."""
+    import medsr.sampling
+
+    passes: list[int] = []
+    real = medsr.sampling.denoise_full
+
+    def counting(net, x_t, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        passes.append(int(x_t.shape[0]))
+        return real(net, x_t, *args, **kwargs)
+
+    monkeypatch.setattr(medsr.sampling, "denoise_full", counting)
+    return passes

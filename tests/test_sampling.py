@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from enhance_fixtures import ct_small, tiny_config, tiny_model, write_tiny_checkpoint
+from enhance_fixtures import count_passes, ct_small, tiny_config, tiny_model, write_tiny_checkpoint
 from monai.data.utils import dense_patch_slices
 
 from medsr.config import SamplingConfig
@@ -381,19 +381,11 @@ def test_enhance_with_a_shared_first_step_makes_one_first_pass_per_slice_and_ign
         model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """1 + samples x (steps - 1) image passes per slice instead of samples x steps; the same result whatever the
     batch size; samples still differ; and with sharing off, exactly the old passes."""
-    import medsr.sampling
     from medsr.enhance import enhance_scan
 
     scan = ct_small()
     scan = scan.with_array(scan.array[:, 32:56, 32:56])
-    passes: list[int] = []
-    real = medsr.sampling.denoise_full
-
-    def counting(net, x_t, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        passes.append(int(x_t.shape[0]))
-        return real(net, x_t, *args, **kwargs)
-
-    monkeypatch.setattr(medsr.sampling, "denoise_full", counting)
+    passes = count_passes(monkeypatch)
     opt = SamplingConfig(samples=4, steps=3, device="cpu", amp="none", keep_samples=True, share_first_step=True)
     a = enhance_scan(scan, model, opt)
     assert sum(passes) == 1 + 4 * 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from enhance_fixtures import ct_small, tiny_model
+from enhance_fixtures import count_passes, ct_small, tiny_model
 
 from medsr.config import SamplingConfig
 from medsr.degrade import parse_spec
@@ -74,18 +74,9 @@ def test_each_sample_is_the_one_drawn_on_its_turned_input_turned_back(model: Loa
 
 def test_a_shared_first_step_is_made_once_and_the_ensemble_keeps_consistency_and_reproduces(
         model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    import medsr.sampling
-
     scan = ct_small()
     scan = scan.with_array(scan.array[:, 24:48, 40:72])
-    passes: list[int] = []
-    real = medsr.sampling.denoise_full
-
-    def counting(net, x_t, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        passes.append(int(x_t.shape[0]))
-        return real(net, x_t, *args, **kwargs)
-
-    monkeypatch.setattr(medsr.sampling, "denoise_full", counting)
+    passes = count_passes(monkeypatch)
     opt = SamplingConfig(samples=8, steps=2, device="cpu", amp="none", keep_samples=True)
     a = enhance_scan(scan, model, opt)
     assert opt.self_ensemble == 8 and a.info["self_ensemble"] == 8
