@@ -25,7 +25,8 @@ from medsr.io.scan import Scan, refined_affine
 from medsr.model import LoadedModel
 from medsr.noise_floor import fine_noise_sigma
 from medsr.runtime import resolve_amp, resolve_device
-from medsr.sampling import ensemble_turns, sample, turn, unturn
+from medsr.sampling import sample
+from medsr.turns import ensemble_turns, turn, unturn
 from medsr.uncertainty import RunningStats, ScanScore, interval, uncertainty_score
 
 __all__ = ["SamplingConfig", "EnhanceOptions", "EnhanceResult", "enhance_scan", "choose_slice_axis", "volume_factors"]

@@ -342,7 +342,7 @@ class Calibration:
 
     def to_report(self, key: str, opt: SamplingConfig, turns: int = 1) -> dict[str, Any]:
         """What report.json says about the interval of one run (``opt``: its SamplingConfig; ``turns``: how
-        many turns of the input it spread its samples over, :func:`medsr.sampling.ensemble_turns`): which
+        many turns of the input it spread its samples over, :func:`medsr.turns.ensemble_turns`): which
         calibration, and whether it applies."""
         return {"applied": key or "none", **self.to_dict(),
                 "mismatch": self.mismatch(opt.samples, opt.steps, opt.sampler, opt.shares_first_step, turns)}

@@ -32,7 +32,7 @@ from medsr.io.refs import load_ref
 from medsr.io.scan import Scan
 from medsr.model import LoadedModel, load_model
 from medsr.noise_floor import fine_noise_sigma
-from medsr.sampling import ensemble_turns
+from medsr.turns import ensemble_turns
 from medsr.uncertainty import (
     BASES,
     Calibration,
@@ -95,7 +95,7 @@ def weights_id(model: LoadedModel) -> str:
 def sampler_tag(share_first_step: bool, turns: int = 1) -> str:
     """The sampler part of a cache key: "tt" DDIM on the trailing timesteps (medsr.diffusion.ddim_timesteps;
     older caches differ), "sf" the same with the first step shared by an image's samples; "-e<n>" when the
-    samples were spread over n turns of the input (self-ensemble) (:func:`medsr.sampling.ensemble_turns`)."""
+    samples were spread over n turns of the input (self-ensemble) (:func:`medsr.turns.ensemble_turns`)."""
     return ("sf" if share_first_step else "tt") + (f"-e{turns}" if turns > 1 else "")
 
 

@@ -20,7 +20,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from medsr.config import SamplingConfig
 from medsr.degrade import parse_spec, upsample
-from medsr.sampling import ensemble_turns
+from medsr.turns import ensemble_turns
 from pipelines.calibrate_default_model import cache_glob
 
 SPEC = parse_spec("block:4x4")

@@ -27,7 +27,7 @@ from medsr.io.paths import atomic_path
 from medsr.io.refs import load_ref
 from medsr.io.scan import Scan
 from medsr.model import load_model
-from medsr.sampling import ensemble_turns
+from medsr.turns import ensemble_turns
 
 # held-out reporting scans of shared/DATA.md (never training); the calibration split is separate, by scan
 HELD_OUT = ["pydicom:CT_small.dcm", "pydicom:MR_small.dcm", "nibabel:anatomical.nii"]

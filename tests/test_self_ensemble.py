@@ -16,7 +16,7 @@ from medsr.degrade import parse_spec
 from medsr.enhance import enhance_scan
 from medsr.errors import MedsrError
 from medsr.model import LoadedModel
-from medsr.sampling import TURNS, ensemble_turns, turn, unturn
+from medsr.turns import TURNS, ensemble_turns, turn, unturn
 
 
 @pytest.fixture(scope="module")
