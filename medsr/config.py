@@ -163,6 +163,9 @@ class TrainConfig:
     output at the same noisy input, timestep and condition instead of the analytic one, so a cheaper student can
     learn a stronger model's map; ``init_from`` starts the student from trained weights, and ``focus_timesteps``
     / ``focus_share`` spend part of each batch on the timesteps the default sampler visits (999 and 499).
+    ``teacher_turns`` takes each item's goal from the teacher on a randomly turned (flipped/transposed) input,
+    turned back: in expectation the goal is the teacher's self-ensemble (:mod:`medsr.turns`), the estimate the
+    sampler's ``self_ensemble`` makes of it.
     """
 
     out_dir: str = "runs/default"
@@ -191,6 +194,7 @@ class TrainConfig:
     teacher: str = ""  # distillation: a checkpoint whose EMA network's output is the target (same degrade/diffusion)
     focus_timesteps: list[int] = field(default_factory=list)  # timesteps the sampler visits, drawn more often
     focus_share: float = 0.0  # share of each batch's timesteps drawn from focus_timesteps
+    teacher_turns: bool = False  # distillation: the teacher sees each item turned by a random allowed flip/transpose
 
 
 @dataclass
@@ -428,6 +432,8 @@ def validate_config(cfg: Config) -> None:
           f"timesteps in 0..{f.num_train_timesteps - 1}", t.focus_timesteps)
     _need(0.0 <= t.focus_share <= 1.0 and (t.focus_share == 0.0 or bool(t.focus_timesteps)), "train.focus_share",
           "in [0, 1], and 0 unless train.focus_timesteps is set", t.focus_share)
+    _need(not t.teacher_turns or bool(t.teacher), "train.teacher_turns", "false unless train.teacher is set",
+          t.teacher_turns)
 
 
 def sampling_config_from_dict(values: dict[str, Any], where: str = "sampling") -> SamplingConfig:

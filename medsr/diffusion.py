@@ -9,6 +9,8 @@ misses (as residual-diffusion SR methods such as ResShift and SRDiff do); ``plai
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
@@ -16,6 +18,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from medsr.config import DiffusionConfig
 from medsr.errors import MedsrError
 from medsr.model import denoise
+from medsr.turns import Turn, turn, unturn
 
 __all__ = ["make_train_scheduler", "make_sampler", "ddim_timesteps", "ddim_step", "to_target", "from_target",
            "diffusion_loss"]
@@ -118,13 +121,16 @@ def diffusion_loss(
     teacher: torch.nn.Module | None = None,
     focus_timesteps: list[int] | None = None,
     focus_share: float = 0.0,
+    teacher_turns: Sequence[Turn] = (),
 ) -> torch.Tensor:
     """SR3 training loss for a batch ``hr``, ``cond`` of shape ``(B, 1, *spatial)`` in normalised units.
 
     With ``teacher`` the goal is the teacher's output at the same ``x_t``, ``t`` and condition (distillation):
     its estimate of the clean target, far less noisy a goal than the one truth behind each patch. A share
     ``focus_share`` of the timesteps is drawn from ``focus_timesteps`` (where the sampler evaluates); without
-    focus the random draws are exactly those of plain training, so old runs resume bit-for-bit.
+    focus the random draws are exactly those of plain training, so old runs resume bit-for-bit. With
+    ``teacher_turns`` (turns the degradation commutes with, :func:`medsr.turns.ensemble_turns`) each item's goal
+    is the teacher's output on the item turned by one of them, drawn at random, and turned back.
     """
     x0 = to_target(hr, cond, cfg)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -136,7 +142,10 @@ def diffusion_loss(
     x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
     if teacher is not None:
         with torch.no_grad():
-            goal = denoise(teacher, x_t, cond, t).float()
+            if teacher_turns:
+                goal = _turned_teacher(teacher, x_t, cond, t, teacher_turns, generator)
+            else:
+                goal = denoise(teacher, x_t, cond, t).float()
     else:
         goal = noise if cfg.prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
     out = denoise(net, x_t, cond, t).float()
@@ -145,3 +154,21 @@ def diffusion_loss(
     if cfg.loss == "l2":
         return F.mse_loss(out, goal)
     raise MedsrError(f"diffusion.loss must be 'l1' or 'l2', got {cfg.loss!r}")
+
+
+def _turned_teacher(teacher: torch.nn.Module, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
+                    turns: Sequence[Turn], generator: torch.Generator | None) -> torch.Tensor:
+    """The teacher's output with each item turned by a random one of ``turns`` and turned back (items whose
+    turned planes share a shape go through the teacher together)."""
+    picks = torch.randint(0, len(turns), (x_t.shape[0],), generator=generator, device=x_t.device).tolist()
+    goal = torch.empty_like(x_t, dtype=torch.float32)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, k in enumerate(picks):
+        groups.setdefault(tuple(turn(x_t[i], turns[k]).shape), []).append(i)
+    for ids in groups.values():
+        xs = torch.stack([turn(x_t[i], turns[picks[i]]) for i in ids])
+        cs = torch.stack([turn(cond[i], turns[picks[i]]) for i in ids])
+        out = denoise(teacher, xs, cs, t[ids]).float()
+        for n, i in enumerate(ids):
+            goal[i] = unturn(out[n], turns[picks[i]])
+    return goal

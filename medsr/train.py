@@ -34,6 +34,7 @@ from medsr.io.paths import atomic_path
 from medsr.model import build_unet, checkpoint_payload, load_checkpoint, load_model, load_state_strict, save_checkpoint
 from medsr.runtime import autocast_context, dist_info, resolve_amp, resolve_device
 from medsr.sampling import make_generators, sample
+from medsr.turns import TURNS, ensemble_turns
 
 __all__ = ["train", "TrainResult", "lr_factor", "truncate_log"]
 
@@ -185,6 +186,7 @@ def train(cfg: Config) -> TrainResult:
     elif cfg.train.init_from:
         _init_from(net, ema, cfg)
     teacher = _load_teacher(cfg, device) if cfg.train.teacher else None
+    teacher_turns = ensemble_turns(spec, len(TURNS), len(TURNS)) if cfg.train.teacher_turns else ()
     model: torch.nn.Module = DistributedDataParallel(net) if distributed else net
     scheduler = make_train_scheduler(cfg.diffusion)
 
@@ -241,7 +243,8 @@ def train(cfg: Config) -> TrainResult:
             group["lr"] = cfg.train.lr * lr_factor(step, cfg.train)
         with autocast_context(device, amp):
             loss = diffusion_loss(model, scheduler, hr, cond, cfg.diffusion, gen, teacher=teacher,
-                                  focus_timesteps=cfg.train.focus_timesteps, focus_share=cfg.train.focus_share)
+                                  focus_timesteps=cfg.train.focus_timesteps, focus_share=cfg.train.focus_share,
+                                  teacher_turns=teacher_turns)
         if not math.isfinite(loss.item()):
             raise MedsrError(f"training diverged at step {step} (loss {loss.item()}); lower train.lr")
         opt.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from medsr.degrade import parse_spec, upsample
 from medsr.diffusion import diffusion_loss, make_train_scheduler
 from medsr.errors import MedsrError
 from medsr.intensity import IntensityConfig, fit_normaliser
-from medsr.model import build_unet, load_checkpoint, load_model, write_untrained_checkpoint
+from medsr.model import build_unet, denoise, load_checkpoint, load_model, write_untrained_checkpoint
 from medsr.sampling import make_generators, sample
 from medsr.train import train
 
@@ -65,6 +65,42 @@ def test_the_goal_is_the_teachers_output(batch: tuple[torch.Tensor, torch.Tensor
     assert same.item() == 0.0  # a student identical to its teacher has nothing to learn
     assert other.item() > 0.0
     assert plain.item() > 10 * other.item()  # the analytic v target is far from what two small nets output
+
+
+def test_turned_teacher_goals_are_the_teachers_output_on_a_turned_item_turned_back(
+        batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """train.teacher_turns: each item's goal is one of the 8 candidates unturn(teacher(turn(item))), more than one
+    turn is drawn over a batch, and with the identity as the only turn the goal is the plain teacher's."""
+    from medsr.diffusion import _turned_teacher
+    from medsr.turns import TURNS, turn, unturn
+
+    hr, cond = batch
+    teacher = _net(1)
+    x_t = torch.randn(hr.shape, generator=torch.Generator().manual_seed(3))
+    t = torch.full((hr.shape[0],), 499)
+    with torch.no_grad():
+        goal = _turned_teacher(teacher, x_t, cond, t, TURNS, torch.Generator().manual_seed(4))
+        candidates = torch.stack([unturn(denoise(teacher, turn(x_t, o), turn(cond, o), t), o) for o in TURNS])
+        plain = denoise(teacher, x_t, cond, t)
+        same = _turned_teacher(teacher, x_t, cond, t, TURNS[:1], torch.Generator().manual_seed(4))
+    err = (candidates - goal[None]).abs().flatten(2).amax(-1)  # (turn, item)
+    assert bool((err.amin(0) < 1e-5).all())  # every goal is one of its item's candidates
+    assert len(set(err.argmin(0).tolist())) > 1  # and the turns drawn differ between items
+    assert float((candidates[1:] - candidates[:1]).abs().mean()) > 1e-3  # the teacher is not turn-equivariant
+    torch.testing.assert_close(same, plain.float())
+    sch = make_train_scheduler(CFG)
+    student = _net(0)
+    with_turns = diffusion_loss(student, sch, hr, cond, CFG, torch.Generator().manual_seed(1), teacher=teacher,
+                                teacher_turns=TURNS)
+    assert with_turns.item() > 0.0 and torch.isfinite(with_turns)
+
+
+def test_teacher_turns_need_a_teacher_and_train_with_one(tmp_path: Path) -> None:
+    with pytest.raises(MedsrError, match="train.teacher_turns"):
+        tiny_config(tmp_path, "train.teacher_turns=true")
+    result = train(tiny_config(tmp_path / "run", f"train.teacher={_teacher(tmp_path)}", "train.teacher_turns=true",
+                               "train.steps=2", "train.batch_size=4"))
+    assert result.step == 2 and load_checkpoint(result.checkpoint)["config"]["train"]["teacher_turns"] is True
 
 
 def test_focus_draws_the_sampler_timesteps_and_off_keeps_plain_draws(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
