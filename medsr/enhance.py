@@ -129,7 +129,7 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
         stats = RunningStats()
         samples: list[torch.Tensor] = []
         first = None
-        if opt.shares_first_step:  # one first-step pass per slice, from its own noise, turned for each of its turns
+        if opt.shares_first_step:  # one first-step pass per slice, from its own noise; turned for each sample's turn
             first = sample(model.net, cfg.diffusion, cond,
                            [torch.Generator(device=device).manual_seed(_seed(opt.seed, FIRST_STEP_STREAM, j))
                             for j in range(start, stop)], steps=opt.steps, lowres=y, spec=spec, project=opt.project,
