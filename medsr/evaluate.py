@@ -388,6 +388,7 @@ def _evaluate_one(hr: Scan, picker: ModelPicker, spec: DegradeSpec, opt: Enhance
             "input_shape": list(deg.low.spatial_shape), "factors": list(deg.factors), "slice_axis": axis,
             "normaliser": norm.to_dict(), "body_voxels": int(body.sum()), "interval_method": result.interval_method,
             "uncertainty_score": result.score.value, "enhance_s": round(enhance_s, 3),
+            "self_ensemble": result.info.get("self_ensemble", 1),
             "refit_basis": "std_noise" if noise is not None else "std",
             "truth_consistency_mae": float((spec.forward(truth_items) - low_items).abs().mean()),
             "interpolation": f"cubic along axis {choice.axis}" if through else
@@ -469,7 +470,8 @@ def evaluate_scans(scans: Sequence[Scan], model: LoadedModel | ModelPicker, degr
                   "choice": evaluated[0].info["model_choice"]},  # per scan: scans[i].model_choice
         "degradation": str(spec),
         "sampling": {"sampler": opt.sampler, "steps": opt.steps, "samples": opt.samples, "seed": opt.seed,
-                     "data_consistency_projection": opt.project},
+                     "data_consistency_projection": opt.project, "first_step_shared": opt.shares_first_step,
+                     "self_ensemble": evaluated[0].info["self_ensemble"]},  # turns used (per scan: scans[i])
         "metrics": {"units": "normalised (truth's normaliser, data range 2)",
                     "interpolation": ("the noisy input itself (denoise task)" if spec.kind == "lowdose" else
                                       evaluated[0].info["interpolation"]),

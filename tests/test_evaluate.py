@@ -76,6 +76,9 @@ def test_files_and_table(run: tuple[Path, str]) -> None:
     rows = read_rows(out)
     assert [(r["scan"], r["method"]) for r in rows] == [(s, m) for s in ("anatomical", "CT_small")
                                                         for m in ("interpolation", "sample", "mean")]
+    sampling = json.loads((out / "summary.json").read_text())["sampling"]
+    assert (sampling["samples"], sampling["steps"], sampling["first_step_shared"]) == (3, 2, True)
+    assert sampling["self_ensemble"] == 3  # 3 samples on 3 turns of the input (the default, at most 8)
 
 
 def test_metrics_sane(run: tuple[Path, str]) -> None:
