@@ -10,7 +10,7 @@ generator seeded from (seed, sample, slice), so results do not depend on chunkin
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from medsr.model import LoadedModel
 from medsr.noise_floor import fine_noise_sigma
 from medsr.runtime import resolve_amp, resolve_device
 from medsr.sampling import sample
-from medsr.turns import ensemble_turns, turn, unturn
+from medsr.turns import Turn, ensemble_turns, turn, unturn
 from medsr.uncertainty import RunningStats, ScanScore, interval, uncertainty_score
 
 __all__ = ["SamplingConfig", "EnhanceOptions", "EnhanceResult", "enhance_scan", "choose_slice_axis", "volume_factors"]
@@ -118,16 +118,13 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
     fine_shape = [s * f for s, f in zip(low.shape[2:], spec.factors)]
     outs = {k: torch.empty((n_items, *fine_shape)) for k in ("mean", "std", "q05", "q95")}
     kept = torch.empty((opt.samples, n_items, *fine_shape)) if opt.keep_samples else None
-    total_work = n_items * opt.passes(num_train_timesteps=cfg.diffusion.num_train_timesteps)
-    done = 0
+    work = _Progress(n_items * opt.passes(num_train_timesteps=cfg.diffusion.num_train_timesteps), progress)
     method = "normal"
     t1 = time.perf_counter()
     for start in range(0, n_items, chunk):
         stop = min(n_items, start + chunk)
         y = low[start:stop].to(device)
         cond = upsample(y, spec.factors)
-        stats = RunningStats()
-        samples: list[torch.Tensor] = []
         first = None
         if opt.shares_first_step:  # one first-step pass per slice, from its own noise; turned for each sample's turn
             first = sample(model.net, cfg.diffusion, cond,
@@ -135,43 +132,13 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
                             for j in range(start, stop)], steps=opt.steps, lowres=y, spec=spec, project=opt.project,
                            roi_size=window, overlap=opt.overlap, sw_batch_size=opt.batch_size, amp=amp,
                            first_only=True)
-            done += stop - start  # one pass per slice, counted once
-            if progress is not None:
-                progress(done, total_work)
-        group = max(1, opt.batch_size // (stop - start))
-        for s0 in range(0, opt.samples, group):
-            by_shape: dict[tuple[int, ...], list[int]] = {}  # samples whose turned plane has one shape batch together
-            for i in range(s0, min(opt.samples, s0 + group)):
-                by_shape.setdefault(tuple(turn(cond, turns_used[i % len(turns_used)]).shape), []).append(i)
-            drawn: dict[int, torch.Tensor] = {}
-            for ids in by_shape.values():
-                turns = [turns_used[i % len(turns_used)] for i in ids]
-                gens = [torch.Generator(device=device).manual_seed(_seed(opt.seed, i, j))
-                        for i in ids for j in range(start, stop)]
-
-                def step_done(i: int, n: int, reps: int = len(ids), start: int = start, stop: int = stop,
-                              shared: bool = first is not None) -> None:
-                    nonlocal done
-                    if shared and i == 1:  # the shared first step: no pass here, it was counted when made
-                        return
-                    done += reps * (stop - start)
-                    if progress is not None:
-                        progress(done, total_work)
-
-                x = sample(model.net, cfg.diffusion, torch.cat([turn(cond, o) for o in turns]), gens,
-                           sampler=opt.sampler, steps=opt.steps, lowres=torch.cat([turn(y, o) for o in turns]),
-                           spec=spec, project=opt.project, roi_size=window, overlap=opt.overlap,
-                           sw_batch_size=opt.batch_size, amp=amp, on_step=step_done,
-                           first=None if first is None else torch.cat([turn(first, o) for o in turns]))
-                x = x.reshape(len(ids), stop - start, *x.shape[1:])
-                drawn.update({i: unturn(x[n], o) for n, (i, o) in enumerate(zip(ids, turns))})
-            x = torch.stack([drawn[i] for i in sorted(drawn)])[:, :, 0].float().cpu()
-            if not bool(torch.isfinite(x).all()):  # never write an all-NaN "result" (damaged weights, overflow)
-                raise MedsrError(f"{scan.source}: the model {model.path} produced NaN/Inf values; its weights may "
-                                 "be damaged (no output written)")
-            stats.update(x)
-            samples.append(x)
-        all_samples = torch.cat(samples)
+            work.add(stop - start)  # one pass per slice, counted once
+        all_samples = _draw_chunk(model, opt, y, cond, first, start, turns_used, window, amp, work)
+        if not bool(torch.isfinite(all_samples).all()):  # never write an all-NaN "result" (damaged weights, overflow)
+            raise MedsrError(f"{scan.source}: the model {model.path} produced NaN/Inf values; its weights may "
+                             "be damaged (no output written)")
+        stats = RunningStats()
+        stats.update(all_samples)
         mean = stats.mean.float()  # type: ignore[union-attr]
         raw_std = stats.std().float()
         std = raw_std * cal.std_factor
@@ -206,6 +173,53 @@ def enhance_scan(scan: Scan, model: LoadedModel, options: SamplingConfig | None 
             "self_ensemble": len(turns_used), "normaliser": norm.to_dict(),
             "calibration": cal.to_report(cal_key, opt, len(turns_used))}
     return EnhanceResult(mean_s, std_s, q05_s, q95_s, score, consistency, factors, method, timings, kept_np, info)
+
+
+@dataclass
+class _Progress:
+    """Network passes done out of ``total``, reported to ``callback`` (progress bars) as they happen."""
+
+    total: int
+    callback: Callable[[int, int], None] | None
+    done: int = 0
+
+    def add(self, passes: int) -> None:
+        self.done += passes
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def _draw_chunk(model: LoadedModel, opt: SamplingConfig, y: torch.Tensor, cond: torch.Tensor,
+                first: torch.Tensor | None, start: int, turns_used: Sequence[Turn], window: tuple[int, ...], amp: str,
+                work: _Progress) -> torch.Tensor:
+    """Every sample of one chunk of slices ``y`` (its first slice is item ``start`` of the scan), as
+    ``(samples, slices, *fine)`` on the CPU: sample i drawn on turn ``i mod len(turns_used)`` of the input (and of the
+    shared first step) and turned back. Samples whose turned planes share a shape go through the network together,
+    ``opt.batch_size`` images per call; each keeps its own seeded generator, so batching never changes a result."""
+    n = y.shape[0]
+    group = max(1, opt.batch_size // n)
+    drawn: dict[int, torch.Tensor] = {}
+    for s0 in range(0, opt.samples, group):
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i in range(s0, min(opt.samples, s0 + group)):
+            by_shape.setdefault(tuple(turn(cond, turns_used[i % len(turns_used)]).shape), []).append(i)
+        for ids in by_shape.values():
+            turns = [turns_used[i % len(turns_used)] for i in ids]
+            gens = [torch.Generator(device=y.device).manual_seed(_seed(opt.seed, i, j))
+                    for i in ids for j in range(start, start + n)]
+
+            def step_done(i: int, _steps: int, reps: int = len(ids), shared: bool = first is not None) -> None:
+                if not (shared and i == 1):  # the shared first step: no pass here, it was counted when made
+                    work.add(reps * n)
+
+            x = sample(model.net, model.config.diffusion, torch.cat([turn(cond, o) for o in turns]), gens,
+                       sampler=opt.sampler, steps=opt.steps, lowres=torch.cat([turn(y, o) for o in turns]),
+                       spec=model.degradation, project=opt.project, roi_size=window, overlap=opt.overlap,
+                       sw_batch_size=opt.batch_size, amp=amp, on_step=step_done,
+                       first=None if first is None else torch.cat([turn(first, o) for o in turns]))
+            x = x.reshape(len(ids), n, *x.shape[1:])
+            drawn.update({i: unturn(x[k], o)[:, 0].float().cpu() for k, (i, o) in enumerate(zip(ids, turns))})
+    return torch.stack([drawn[i] for i in range(opt.samples)])
 
 
 def _consistency(mean: torch.Tensor, low: torch.Tensor, spec: DegradeSpec, norm: Normaliser) -> dict[str, float]:
