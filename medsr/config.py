@@ -243,7 +243,7 @@ class SamplingConfig:
             input plane (1, 2, 4 or 8; sample i on turn i mod n, turned back before the statistics), as many as the
             model's degradation is symmetric under (:func:`medsr.turns.ensemble_turns`). A geometric
             self-ensemble (as in EDSR) at no extra cost (the shared first step is made once and turned): the network's
-            orientation bias averages out of the mean (model card: +0.72 dB on bad_sequence, +0.21 on MR_small,
+            orientation bias averages out of the mean (model card: +0.71 dB on bad_sequence, +0.24 on MR_small,
             within ±0.04 dB elsewhere). 1: every sample on the input as given.
     """
 

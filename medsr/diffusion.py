@@ -18,7 +18,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from medsr.config import DiffusionConfig
 from medsr.errors import MedsrError
 from medsr.model import denoise
-from medsr.turns import Turn, turn, unturn
+from medsr.turns import Turn, shape_groups, turn, unturn
 
 __all__ = ["make_train_scheduler", "make_sampler", "ddim_timesteps", "ddim_step", "to_target", "from_target",
            "diffusion_loss"]
@@ -162,10 +162,7 @@ def _turned_teacher(teacher: torch.nn.Module, x_t: torch.Tensor, cond: torch.Ten
     turned planes share a shape go through the teacher together)."""
     picks = torch.randint(0, len(turns), (x_t.shape[0],), generator=generator, device=x_t.device).tolist()
     goal = torch.empty_like(x_t, dtype=torch.float32)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, k in enumerate(picks):
-        groups.setdefault(tuple(turn(x_t[i], turns[k]).shape), []).append(i)
-    for ids in groups.values():
+    for ids in shape_groups(x_t.shape, [turns[k] for k in picks]):
         xs = torch.stack([turn(x_t[i], turns[picks[i]]) for i in ids])
         cs = torch.stack([turn(cond[i], turns[picks[i]]) for i in ids])
         out = denoise(teacher, xs, cs, t[ids]).float()

@@ -26,7 +26,7 @@ from medsr.model import LoadedModel
 from medsr.noise_floor import fine_noise_sigma
 from medsr.runtime import resolve_amp, resolve_device
 from medsr.sampling import sample
-from medsr.turns import Turn, ensemble_turns, turn, unturn
+from medsr.turns import Turn, ensemble_turns, shape_groups, turn, unturn
 from medsr.uncertainty import RunningStats, ScanScore, interval, uncertainty_score
 
 __all__ = ["SamplingConfig", "EnhanceOptions", "EnhanceResult", "enhance_scan", "choose_slice_axis", "volume_factors"]
@@ -200,10 +200,9 @@ def _draw_chunk(model: LoadedModel, opt: SamplingConfig, y: torch.Tensor, cond: 
     group = max(1, opt.batch_size // n)
     drawn: dict[int, torch.Tensor] = {}
     for s0 in range(0, opt.samples, group):
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i in range(s0, min(opt.samples, s0 + group)):
-            by_shape.setdefault(tuple(turn(cond, turns_used[i % len(turns_used)]).shape), []).append(i)
-        for ids in by_shape.values():
+        members = list(range(s0, min(opt.samples, s0 + group)))
+        for positions in shape_groups(cond.shape, [turns_used[i % len(turns_used)] for i in members]):
+            ids = [members[p] for p in positions]
             turns = [turns_used[i % len(turns_used)] for i in ids]
             gens = [torch.Generator(device=y.device).manual_seed(_seed(opt.seed, i, j))
                     for i in ids for j in range(start, start + n)]

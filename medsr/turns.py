@@ -8,11 +8,13 @@ estimate) for the turned input, turned back, is one for the input as given.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from medsr.degrade import DegradeSpec
 
-__all__ = ["Turn", "TURNS", "ensemble_turns", "turn", "unturn"]
+__all__ = ["Turn", "TURNS", "ensemble_turns", "turn", "unturn", "shape_groups"]
 
 # One of the 8 flips/transposes of a plane: (flip rows, flip columns, then transpose) of the last two axes.
 Turn = tuple[bool, bool, bool]
@@ -48,3 +50,12 @@ def unturn(x: torch.Tensor, o: Turn) -> torch.Tensor:
     x = x.transpose(-1, -2) if o[2] else x
     flips = [d for d, f in ((-2, o[0]), (-1, o[1])) if f]
     return x.flip(flips) if flips else x
+
+
+def shape_groups(plane: Sequence[int], turns: Sequence[Turn]) -> list[list[int]]:
+    """Positions in ``turns`` grouped by the shape a plane of shape ``plane`` (..., H, W) has once turned (a
+    transpose swaps H and W), so that the turned planes of one group stack into a single batch."""
+    groups: dict[bool, list[int]] = {}
+    for i, o in enumerate(turns):
+        groups.setdefault(bool(o[2]) and plane[-1] != plane[-2], []).append(i)
+    return list(groups.values())

@@ -22,14 +22,10 @@ import numpy as np
 import torch
 
 from medsr.config import SamplingConfig
-from medsr.degrade import parse_spec, upsample
-from medsr.turns import ensemble_turns
-from pipelines.calibrate_default_model import cache_glob
+from medsr.degrade import upsample
+from pipelines.heldout_quality import SPEC, cached_files
 
 __all__ = ["band_errors"]
-
-SPEC = parse_spec("block:4x4")
-
 
 def _above_band(shape: tuple[int, int], factor: int) -> np.ndarray:
     fy = np.abs(np.fft.fftfreq(shape[0]))[:, None]
@@ -56,10 +52,7 @@ def main() -> None:
     print("| scan | bicubic error above the band | perfect in-band recovery gains at most | mean's error / bicubic's "
           "(in band) | (above band) |")
     print("|---|---|---|---|---|")
-    opt = SamplingConfig()
-    pattern = cache_glob(opt.samples, opt.steps, opt.shares_first_step,
-                         len(ensemble_turns(SPEC, opt.self_ensemble, opt.samples)))
-    for path in sorted(args.cache.glob(pattern)):
+    for path in cached_files(args.cache, SamplingConfig()):
         with np.load(path) as data:
             truth, mean = data["truth"].astype(np.float64), data["samples"].astype(np.float64).mean(0)
         low = SPEC.forward(torch.from_numpy(truth).float().movedim(-1, 0)[:, None])

@@ -32,15 +32,21 @@ def _metrics(pred: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     return psnr, ssim
 
 
+def cached_files(cache: Path, opt: SamplingConfig) -> list[Path]:
+    """The calibration-cache files (:mod:`pipelines.calibrate_default_model`) of an x4 in-plane model sampled as
+    ``opt`` says (the cache may hold other settings too), one per scan and model."""
+    turns = len(ensemble_turns(SPEC, opt.self_ensemble, opt.samples))
+    return sorted(cache.glob(cache_glob(opt.samples, opt.steps, opt.shares_first_step, turns)))
+
+
 def table(cache: Path, samples: int = SamplingConfig().samples, steps: int = SamplingConfig().steps,
           share_first_step: bool = SamplingConfig().share_first_step,
           self_ensemble: int = SamplingConfig().self_ensemble) -> list[dict[str, float | str]]:
     """One row per cached scan enhanced with ``samples`` x ``steps`` over up to ``self_ensemble`` turns of the input
     (the cache may hold other settings too)."""
     rows: list[dict[str, float | str]] = []
-    shared = SamplingConfig(samples=samples, steps=steps, share_first_step=share_first_step).shares_first_step
-    turns = len(ensemble_turns(SPEC, self_ensemble, samples))
-    for path in sorted(cache.glob(cache_glob(samples, steps, shared, turns))):
+    opt = SamplingConfig(samples=samples, steps=steps, share_first_step=share_first_step, self_ensemble=self_ensemble)
+    for path in cached_files(cache, opt):
         data = np.load(path)
         truth = torch.from_numpy(data["truth"]).float().permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
         mean = torch.from_numpy(data["samples"].mean(0)).float().permute(2, 0, 1)[:, None]

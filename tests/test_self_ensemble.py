@@ -16,7 +16,7 @@ from medsr.degrade import parse_spec
 from medsr.enhance import enhance_scan
 from medsr.errors import MedsrError
 from medsr.model import LoadedModel
-from medsr.turns import TURNS, ensemble_turns, turn, unturn
+from medsr.turns import TURNS, ensemble_turns, shape_groups, turn, unturn
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,8 @@ def test_the_turns_allowed_are_those_the_degradation_is_symmetric_under() -> Non
     assert ensemble_turns(parse_spec("lowdose:1x1,dose=0.25"), 8, 8) == TURNS
     assert ensemble_turns(parse_spec("kspace:2x2"), 8, 8) == TURNS[:1]
     assert ensemble_turns(parse_spec("block:2x2x2"), 8, 8) == TURNS[:1]  # 3D models: the input as given
+    assert shape_groups((1, 24, 32), TURNS) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # transposed planes batch apart
+    assert shape_groups((1, 32, 32), TURNS) == [list(range(8))]  # square: one batch
 
 
 @pytest.mark.parametrize("spec", ["block:4x4", "block:2x2,sigma=1", "block:1x4", "block:1x4,profile=gaussian",
