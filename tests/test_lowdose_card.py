@@ -50,12 +50,15 @@ def test_rows_and_verdicts(centre: str, tmp_path: Path) -> None:
     expected = ((data["truth"] >= lo) & (data["truth"] <= hi))[stats.body].mean()
     assert r["coverage"] == pytest.approx(expected)
     assert r["edge_points"] > 0 and r["patches"] > 0
+    assert r["truth_levels"] > 500 and r["truth_equal_neighbours"] < 0.2  # a real acquisition, not a phantom
+    assert 0 < r["mean"]["edge_error_share"] < 1 and r["mean"]["sq_error"] > 0
     result = {"checkpoint": "X.pt", "date": "today", "step": 7, "sha256": "0" * 64, "channels": [8, 16], "crop": 128,
               "samples": 8, "steps": 2, "scans": ["CT_small"], "methods": ["mean", "noisy", "nlm", "tv"],
               "simulator": {"mu_water": 0.0192, "n_views": 256, "i0": 1e5, "ref_views": 720, "electronic_std": 3.0},
               "calibration": {"scale": 1.6, "guarantee": "none", "n": 3, "alpha": 0.1, "delta": 0.1,
                               "scans": ["a", "b", "c"], "crc_min_n": 9, "rcps_min_n": 22}, "rows": rows}
     text = card_text(result)
+    assert "## What each truth is like, and where the error lies" in text
     if centre == "truth":  # mean within 0.01/sqrt(8) of the truth: far better than any classical denoiser
         assert r["gain_db"] > 10 and "**met** (gains" in text
     else:  # the noisy input as the 'mean': worse than the tuned baselines
