@@ -23,7 +23,7 @@ from PIL import Image
 
 from medsr.io.paths import atomic_path, sanitize_component
 
-__all__ = ["review_figure", "through_plane_figure", "write_evaluation_figures"]
+__all__ = ["review_figure", "heat_caption", "through_plane_figure", "write_evaluation_figures"]
 
 
 def _pick_slice(vol: np.ndarray, axis: int) -> int:
@@ -48,6 +48,19 @@ def _to_ras(vols: list[np.ndarray], affine: np.ndarray) -> tuple[list[np.ndarray
     """Reorder arrays to the closest RAS axes (from the affine); returns them and the axis permutation."""
     ornt = nib.orientations.io_orientation(affine)
     return [nib.orientations.apply_orientation(v, ornt) for v in vols], ornt[:, 0].astype(int)
+
+
+NEARLY_UNIFORM = 0.25  # a heat map varying by less than this share of its top value is said to be nearly uniform
+
+
+def heat_caption(plane: np.ndarray, title: str, units: str = "") -> str:
+    """``title``, plus a second line when the shown plane is nearly uniform (1st to 99.5th percentile within
+    :data:`NEARLY_UNIFORM` of the top): the colour scale starts at the map's floor, so small differences fill the
+    whole colour range, and a reader should not take them for structure."""
+    lo, hi = (float(v) for v in np.percentile(plane, [1, 99.5]))
+    if hi <= 0 or hi - lo >= NEARLY_UNIFORM * hi:
+        return title
+    return f"{title}\nnearly uniform here: {lo:.3g} to {hi:.3g} {units}".rstrip()
 
 
 def review_figure(
@@ -81,6 +94,7 @@ def review_figure(
     # the scale starts at the map's floor (its 1st percentile: the input's noise, everywhere), so what stands out
     # is where the model is less sure than that; the colour bar gives the values in scan units
     smin = min(float(np.percentile(planes[2], 1)), 0.9 * smax)
+    heat_title = heat_caption(planes[2], heat_title, units)
     # zoom on the most uncertain window (a quarter of the plane)
     h, w = planes[1].shape
     zh, zw = max(8, h // 4), max(8, w // 4)

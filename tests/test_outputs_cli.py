@@ -24,6 +24,7 @@ from medsr.io import crop_scan, load_scan, refined_affine, save_nifti
 from medsr.io.refs import resolve_ref
 from medsr.model import file_sha256
 from medsr.outputs import write_outputs
+from medsr.review import heat_caption
 
 STATS = ("mean", "std", "q05", "q95")
 FAST = ["--steps", "2", "--device", "cpu", "--amp", "none"]
@@ -297,3 +298,16 @@ def test_a_bad_self_ensemble_is_refused_before_any_scan_is_read(ckpt: Path, tmp_
     res = enhance(DICOM_REF, "--model", str(ckpt), "--out", str(tmp_path), "--self-ensemble", "3", *FAST)
     assert res.exit_code == 2 and "self_ensemble must be 1, 2, 4 or 8, got 3" in res.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_nearly_uniform_heat_map_says_so_in_its_caption() -> None:
+    """The heat scale starts at the map's floor, so ±6.0-6.6 HU everywhere would fill the colour range: the caption
+    must say the map is nearly uniform and give its range; a map with real structure keeps the plain title."""
+    rng = np.random.default_rng(0)
+    flat = 6.0 + 0.6 * rng.random((64, 64))
+    caption = heat_caption(flat, "uncertainty", "(HU)")
+    assert caption.startswith("uncertainty\nnearly uniform here: 6") and caption.endswith("(HU)")
+    structured = flat.copy()
+    structured[20:40, 20:40] += 20.0  # an uncertain region 4x the floor
+    assert heat_caption(structured, "uncertainty", "(HU)") == "uncertainty"
+    assert heat_caption(np.zeros((8, 8)), "uncertainty") == "uncertainty"  # nothing to say about an empty map
