@@ -17,10 +17,9 @@ truth automatically, so every method is measured at the same places:
 - **what the truth is like** (:func:`grey_levels`): how many distinct values the truth has and how often two
   neighbouring pixels are exactly equal. A CT acquisition has hundreds to thousands of levels in a slice and almost
   no equal neighbours (its own noise); a piecewise-constant image (a phantom, a synthetic or heavily
-  post-processed example) has few levels and mostly equal neighbours, the image total variation's prior describes.
-- **where the error lies** (:func:`edge_error_share`): the share of an image's squared error within ``dilate``
-  pixels of the truth's strong edges (gradient above ``fraction`` of its maximum), and that region's share of
-  the pixels.
+  post-processed example) has few levels and mostly equal neighbours: the kind of image total variation assumes.
+- **where the error lies** (:func:`edge_region`, :func:`edge_error_share`): the share of an image's squared error
+  within ``dilate`` pixels of the truth's strong edges (gradient above ``fraction`` of its maximum).
 """
 
 from __future__ import annotations
