@@ -201,9 +201,10 @@ def _draw_chunk(model: LoadedModel, opt: SamplingConfig, y: torch.Tensor, cond: 
     drawn: dict[int, torch.Tensor] = {}
     for s0 in range(0, opt.samples, group):
         members = list(range(s0, min(opt.samples, s0 + group)))
-        for positions in shape_groups(cond.shape, [turns_used[i % len(turns_used)] for i in members]):
+        member_turns = [turns_used[i % len(turns_used)] for i in members]
+        for positions in shape_groups(cond.shape, member_turns):
             ids = [members[p] for p in positions]
-            turns = [turns_used[i % len(turns_used)] for i in ids]
+            turns = [member_turns[p] for p in positions]
             gens = [torch.Generator(device=y.device).manual_seed(_seed(opt.seed, i, j))
                     for i in ids for j in range(start, start + n)]
 

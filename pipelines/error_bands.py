@@ -13,7 +13,7 @@ cache may hold several models: each file is one row) and prints, per scan, ``h``
 bicubic's error inside and above the band the model's mean leaves.
 
 ``--through-plane`` does the same along the thick axis for the through-plane card's held-out MR volumes made 4x
-thick (:data:`pipelines.throughplane_card.CASES`): the band is the thick input's, 1/8 cycle per thin slice along
+thick (:data:`pipelines.throughplane_card.VOLUMES`): the band is the thick input's, 1/8 cycle per thin slice along
 that axis only; the baseline is cubic along it; the model is what ``auto`` picks for the thick input at the
 sampling defaults.
 """
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from medsr.config import SamplingConfig
-from medsr.degrade import parse_spec, upsample
+from medsr.degrade import upsample
 from medsr.evaluate import degrade_scan
 from medsr.io.refs import load_ref
 from medsr.model_picker import ModelPicker
 from medsr.through_plane import cubic_along, enhance_with_choice
 from pipelines.heldout_quality import SPEC, cached_files
-from pipelines.throughplane_card import CASES, centre
+from pipelines.throughplane_card import VOLUMES, centre, with_template_crop
 
 __all__ = ["band_errors", "axis_band_errors"]
 
@@ -69,14 +69,14 @@ def _row(name: str, share: float, model_in: float, model_hi: float) -> str:
     return f"| {name} | {share:.2f} | {10 * math.log10(1 / share):+.2f} dB | {model_in:.2f} | {model_hi:.2f} |"
 
 
-def through_plane(crop: int | None) -> None:
+def through_plane(crop: int) -> None:
     """The table for the through-plane card's MR volumes (module docstring)."""
     print("| volume, made thick | cubic's error above the band | perfect in-band recovery gains at most "
           "| mean's error / cubic's (in band) | (above band) | mean's gain over cubic |")
     print("|---|---|---|---|---|---|")
     picker = ModelPicker()
-    for case in (c for c in CASES if parse_spec(c.spec).spatial_dims == 3):
-        scan = centre(load_ref(case.ref, case.modality), crop if case.crop else None)  # as the card crops
+    for case in (with_template_crop(c, crop) for c in VOLUMES):
+        scan = centre(load_ref(case.ref, case.modality), case.crop)
         deg = degrade_scan(scan, case.spec)
         low = deg.low
         model, choice = picker.pick(low.spacing, low.spatial_shape, low.acquisition_axis, 2)

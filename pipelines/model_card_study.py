@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsr.degrade import parse_spec
 from medsr.enhance import EnhanceOptions
 from medsr.evaluate import evaluate_scans, format_table, write_evaluation
 from medsr.io.paths import atomic_path
@@ -117,7 +116,7 @@ def run_study(args: argparse.Namespace, model: Any, result: dict[str, Any]) -> N
             opt = EnhanceOptions(samples=samples, steps=steps, sampler=sampler, seed=0, keep_samples=True,
                                  share_first_step=shared, self_ensemble=ensemble)
             e = evaluate_scans(scans, model, model.config.degrade, opt)
-            used = len(ensemble_turns(parse_spec(model.config.degrade), ensemble, samples))
+            used = len(ensemble_turns(model.degradation, ensemble, samples))
             row = {"sampler": sampler + (", first step shared" if opt.shares_first_step else "")
                    + (f", self-ensemble {used}" if used > 1 else ""), "steps": steps,
                    "samples": samples, "seconds": time.perf_counter() - t, **summarise(e)}

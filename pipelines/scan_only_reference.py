@@ -7,7 +7,7 @@ Block-averaging them by 4 along one in-plane axis and interpolating back with cu
 with the same degradation as the thick axis; a small residual CNN trained on those pairs alone, then run on the
 planes that contain the thick axis (both orientations averaged), says how much the scan itself can teach — the
 ceiling of any per-scan adaptation that has nothing else to learn from. For each of the through-plane card's
-held-out MR volumes (:data:`pipelines.throughplane_card.CASES`) it prints the gain over cubic along the thick
+held-out MR volumes (:data:`pipelines.throughplane_card.VOLUMES`) it prints the gain over cubic along the thick
 axis, per orientation and fused (PSNR in normalised units, range 2, as :mod:`medsr.evaluate`).
 
 The network is a plain stack of MONAI convolution blocks predicting a residual on the cubic input: no diffusion,
@@ -25,11 +25,10 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from medsr.degrade import parse_spec
-from medsr.evaluate import degrade_scan
+from medsr.evaluate import degrade_scan, thick_slice_axis
 from medsr.io.refs import load_ref
 from medsr.through_plane import cubic_along
-from pipelines.throughplane_card import CASES, centre
+from pipelines.throughplane_card import VOLUMES, centre, with_template_crop
 
 __all__ = ["inplane_pairs", "ResidualCNN", "fit_on_pairs", "upsample_planes", "psnr"]
 
@@ -109,9 +108,10 @@ def main() -> None:
     args = parser.parse_args()
     print("| volume, made thick | cubic PSNR | orientation 1 | orientation 2 | fused | loss first → last |")
     print("|---|---|---|---|---|---|")
-    for case in (c for c in CASES if parse_spec(c.spec).spatial_dims == 3):
-        deg = degrade_scan(centre(load_ref(case.ref, case.modality), args.crop if case.crop else None), case.spec)
-        axis = next(i for i, f in enumerate(deg.factors) if f > 1)
+    for case in (with_template_crop(c, args.crop) for c in VOLUMES):
+        deg = degrade_scan(centre(load_ref(case.ref, case.modality), case.crop), case.spec)
+        axis = thick_slice_axis(deg.spec)
+        assert axis is not None  # VOLUMES are thick along one axis
         factor = deg.factors[axis]
         net, losses = fit_on_pairs(inplane_pairs(deg.low_norm, axis, factor), args.iterations, args.width,
                                    args.depth)

@@ -30,7 +30,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +67,24 @@ class Case:
     crop: int | None = None  # centred cube (3D) or square (2D) of at most this many voxels per axis
 
 
+TEMPLATE_CROP = 48  # the template's default centred crop; ``--crop`` replaces it
+
 CASES = (
     Case("anatomical", "nibabel:anatomical.nii", "MR", "block:1x1x4"),
     Case("anatomical", "nibabel:anatomical.nii", "MR", "block:4x1x1"),
-    Case("inia19", INIA19, "MR", "block:1x1x4", 48),
-    Case("inia19", INIA19, "MR", "block:1x4x1", 48),
+    Case("inia19", INIA19, "MR", "block:1x1x4", TEMPLATE_CROP),
+    Case("inia19", INIA19, "MR", "block:1x4x1", TEMPLATE_CROP),
     Case("CT_small", "pydicom:CT_small.dcm", "CT", "block:1x4", 128),
     Case("bad_sequence", "pydicom:bad_sequence.dcm", "CT", "block:1x4", 128),
 )
+
+
+VOLUMES = tuple(c for c in CASES if parse_spec(c.spec).spatial_dims == 3)  # the MR volumes (CT rows are slices)
+
+
+def with_template_crop(case: Case, crop: int) -> Case:
+    """``case`` with the template's crop replaced by ``crop`` (other cases keep theirs)."""
+    return replace(case, crop=crop) if case.crop == TEMPLATE_CROP else case
 
 
 def centre(scan: Scan, size: int | None) -> Scan:
@@ -307,7 +317,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=DEFAULTS.samples)
     parser.add_argument("--steps", type=int, default=DEFAULTS.steps)
     parser.add_argument("--adapt", type=int, default=20, help="--adapt steps (0: no adaptation rows)")
-    parser.add_argument("--crop", type=int, default=48, help="MR template crop (voxels per axis)")
+    parser.add_argument("--crop", type=int, default=TEMPLATE_CROP, help="MR template crop (voxels per axis)")
     parser.add_argument("--timing-size", type=int, default=64)
     parser.add_argument("--timing-slices", type=int, default=10)
     parser.add_argument("--timing-only", action="store_true", help=argparse.SUPPRESS)
@@ -322,8 +332,7 @@ def main() -> None:
         return
     model = load_model(args.checkpoint)
     opt = EnhanceOptions(samples=args.samples, steps=args.steps, seed=0, device="cpu", amp="auto")
-    cases = [Case(c.name, c.ref, c.modality, c.spec, args.crop if c.crop == 48 else c.crop) for c in CASES
-             if not args.only or c.name in args.only]
+    cases = [with_template_crop(c, args.crop) for c in CASES if not args.only or c.name in args.only]
     out: list[dict[str, Any]] = []
     for case in cases:
         t = time.perf_counter()
